@@ -1,0 +1,1 @@
+"""Flax Linen models: torchvision-layout ResNets, attention gates, students, RSTPM."""

@@ -1,0 +1,43 @@
+"""Spatial attention gate from teacher features (paper section 3.3, Figure 4)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rstpm_jax.models.resnet import batch_norm, conv_init, conv_layer
+
+Array = jax.Array
+MODES = ("mul", "residual")
+
+
+class AttentionGate(nn.Module):
+    """conv3x3 -> BN -> ReLU -> conv1x1 (one channel) -> sigmoid on stop-gradient teacher features.
+
+    ``mul`` returns ``s * a``, ``residual`` returns ``s + s * a``. The one-channel map is
+    also sown into the ``intermediates`` collection as ``attention``.
+    """
+
+    mode: str = "mul"
+    dtype: Any = jnp.float32
+    conv_fn: Callable | None = None
+
+    @nn.compact
+    def __call__(self, teacher: Array, student: Array, train: bool) -> Array:
+        if self.mode not in MODES:
+            raise ValueError(f"model.attention_mode must be one of {MODES}, got {self.mode!r}.")
+        if teacher.shape[:3] != student.shape[:3]:
+            raise ValueError(
+                f"Attention gate needs teacher and student maps of one size: {teacher.shape} vs {student.shape}.")
+        t = jax.lax.stop_gradient(teacher).astype(self.dtype)
+        h = conv_layer(student.shape[-1], 3, dtype=self.dtype, conv_fn=self.conv_fn, name="conv")(t)
+        h = nn.relu(batch_norm(train, self.dtype, name="bn")(h))
+        a = nn.Conv(1, (1, 1), kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
+                    name="proj")(h)
+        a = nn.sigmoid(a)
+        self.sow("intermediates", "attention", a)
+        gated = student * a
+        return gated if self.mode == "mul" else student + gated

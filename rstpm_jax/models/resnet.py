@@ -1,0 +1,237 @@
+"""torchvision-layout ResNet18/50 feature pyramids in Flax Linen (NHWC).
+
+Parameter names mirror torchvision's state-dict keys (``layer1.0.conv1.weight`` ->
+``layer1_0/conv1/kernel``) so that conversion is a renaming plus a transpose.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ModuleDef = Any
+
+# torchvision initialisation: kaiming-normal, fan_out, ReLU gain (untruncated normal).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
+STAGE_WIDTHS = (64, 128, 256, 512)
+LEVELS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def feature_widths(arch: str) -> dict[str, int]:
+    """Channels of ``layer1..layer4`` for an architecture name."""
+    block, _ = _arch(arch)
+    expansion = 4 if block == "bottleneck" else 1
+    return {lvl: w * expansion for lvl, w in zip(LEVELS, STAGE_WIDTHS)}
+
+
+def _arch(arch: str) -> tuple[str, tuple[int, ...]]:
+    if arch not in ARCHS:
+        raise ValueError(f"Unknown ResNet architecture {arch!r}; known: {sorted(ARCHS)}.")
+    return ARCHS[arch]
+
+
+def conv_layer(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    *,
+    dtype: Any = jnp.float32,
+    conv_fn: Callable | None = None,
+    name: str | None = None,
+) -> nn.Conv:
+    """A bias-free conv with torchvision padding (k // 2) and init."""
+    pad = kernel // 2
+    kwargs = {}
+    if conv_fn is not None:
+        kwargs["conv_general_dilated"] = conv_fn
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+        **kwargs,
+    )
+
+
+def batch_norm(train: bool, dtype: Any = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5)."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """torchvision BasicBlock (expansion 1)."""
+
+    features: int
+    stride: int = 1
+    downsample: bool = False
+    dtype: Any = jnp.float32
+    conv_fn: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        conv = functools.partial(conv_layer, dtype=self.dtype, conv_fn=self.conv_fn)
+        bn = functools.partial(batch_norm, train, self.dtype)
+        y = nn.relu(bn(name="bn1")(conv(self.features, 3, self.stride, name="conv1")(x)))
+        y = bn(name="bn2")(conv(self.features, 3, name="conv2")(y))
+        if self.downsample:
+            x = bn(name="downsample_1")(conv(self.features, 1, self.stride, name="downsample_0")(x))
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    """torchvision Bottleneck (expansion 4, stride on the 3x3 conv)."""
+
+    features: int
+    stride: int = 1
+    downsample: bool = False
+    dtype: Any = jnp.float32
+    conv_fn: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        conv = functools.partial(conv_layer, dtype=self.dtype, conv_fn=self.conv_fn)
+        bn = functools.partial(batch_norm, train, self.dtype)
+        y = nn.relu(bn(name="bn1")(conv(self.features, 1, name="conv1")(x)))
+        y = nn.relu(bn(name="bn2")(conv(self.features, 3, self.stride, name="conv2")(y)))
+        y = bn(name="bn3")(conv(self.features * 4, 1, name="conv3")(y))
+        if self.downsample:
+            x = bn(name="downsample_1")(conv(self.features * 4, 1, self.stride, name="downsample_0")(x))
+        return nn.relu(y + x)
+
+
+def stem(x: Array, train: bool, *, dtype: Any = jnp.float32, conv_fn: Callable | None = None,
+         parent_names: tuple[str, str] = ("conv1", "bn1")) -> tuple[Array, Array]:
+    """7x7/2 conv, BN, ReLU (returned as ``stem``), then 3x3/2 max-pool. Call inside a compact module."""
+    y = conv_layer(64, 7, 2, dtype=dtype, conv_fn=conv_fn, name=parent_names[0])(x)
+    y = nn.relu(batch_norm(train, dtype, name=parent_names[1])(y))
+    pooled = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return y, pooled
+
+
+def stage(x: Array, train: bool, arch: str, index: int, *, dtype: Any = jnp.float32,
+          conv_fn: Callable | None = None) -> Array:
+    """Run ``layer{index+1}`` of ``arch`` (blocks named ``layerN_i``). Call inside a compact module."""
+    block_kind, sizes = _arch(arch)
+    block_cls = Bottleneck if block_kind == "bottleneck" else BasicBlock
+    expansion = 4 if block_kind == "bottleneck" else 1
+    width = STAGE_WIDTHS[index]
+    stride = 1 if index == 0 else 2
+    for i in range(sizes[index]):
+        s = stride if i == 0 else 1
+        needs_down = i == 0 and (s != 1 or x.shape[-1] != width * expansion)
+        x = block_cls(width, s, needs_down, dtype=dtype, conv_fn=conv_fn,
+                      name=f"layer{index + 1}_{i}")(x, train)
+    return x
+
+
+class ResNet(nn.Module):
+    """Feature pyramid of a torchvision ResNet.
+
+    Returns ``{"stem": 1/2 (after conv1/bn1/relu), "layer1": 1/4, ..., "layer4": 1/32}``,
+    computing stages only up to ``depth`` (1..4).
+    """
+
+    arch: str = "resnet18"
+    depth: int = 4
+    dtype: Any = jnp.float32
+    conv_fn: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+        _check_input(x)
+        feats: dict[str, Array] = {}
+        feats["stem"], y = stem(x.astype(self.dtype), train, dtype=self.dtype, conv_fn=self.conv_fn)
+        for i in range(self.depth):
+            y = stage(y, train, self.arch, i, dtype=self.dtype, conv_fn=self.conv_fn)
+            feats[LEVELS[i]] = y
+        return feats
+
+
+def _check_input(x: Array) -> None:
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"ResNet expects NHWC images with 3 channels, got shape {x.shape}.")
+    if x.shape[1] % 32 or x.shape[2] % 32:
+        raise ValueError(f"Image height and width must be divisible by 32, got {x.shape[1:3]}.")
+
+
+def ResNet18(**kwargs) -> ResNet:  # noqa: N802 - torchvision naming
+    return ResNet(arch="resnet18", **kwargs)
+
+
+def ResNet50(**kwargs) -> ResNet:  # noqa: N802
+    return ResNet(arch="resnet50", **kwargs)
+
+
+def build(name: str, **kwargs) -> ResNet:
+    """A ResNet by architecture name (``resnet18``, ``resnet34``, ``resnet50``)."""
+    _arch(name)
+    return ResNet(arch=name, **kwargs)
+
+
+def load_pretrained(path: str | os.PathLike) -> dict[str, Any]:
+    """Load converted torchvision weights (``params`` + ``batch_stats``); no torch needed."""
+    from flax import serialization
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Converted teacher weights not found: {path}. Convert torchvision weights with "
+            "`python -m pretrained_conversion.convert_torchvision --arch resnet18 --download "
+            f"--output {path}` (needs the 'convert' extra and internet), or pass a state dict "
+            "with --input.")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        variables = serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path} is not a converted rstpm-jax weight file (msgpack): {e}") from e
+    if not isinstance(variables, dict) or set(variables) != {"params", "batch_stats"}:
+        raise ValueError(f"{path} does not hold 'params' and 'batch_stats'; reconvert it.")
+    return jax.tree.map(jnp.asarray, variables)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata record written beside converted weights (``<path>.json``), if any."""
+    meta = os.fspath(path) + ".json"
+    if not os.path.isfile(meta):
+        return None
+    with open(meta) as f:
+        return json.load(f)
+
+
+def truncate_variables(variables: dict[str, Any], depth: int) -> dict[str, Any]:
+    """Drop stages deeper than ``depth`` (e.g. ``layer4`` of a teacher used to ``layer3``)."""
+    drop = {f"layer{i}_" for i in range(depth + 1, 5)}
+    return {
+        col: {k: v for k, v in tree.items() if not any(k.startswith(d) for d in drop)}
+        for col, tree in variables.items()
+    }
+
+
+def level_names(depth: int) -> Sequence[str]:
+    return LEVELS[:depth]
