@@ -75,7 +75,12 @@ def sum_levels(per_level: Mapping[str, Array]) -> Array:
 
 
 def gaussian_smooth(maps: Array, sigma: float) -> Array:
-    """Separable Gaussian blur of (B, H, W) maps (kernel radius 4 sigma, reflect padding)."""
+    """Separable Gaussian blur of (B, H, W) maps, kernel radius ``max(1, int(4 sigma + 0.5))``.
+
+    Edges mirror about the border pixel without repeating it (``jnp.pad`` mode
+    ``reflect``), i.e. ``scipy.ndimage.gaussian_filter(m, sigma, mode="mirror",
+    truncate=4.0)`` per map (scipy's own ``reflect`` repeats the border pixel).
+    """
     if sigma <= 0:
         return maps
     radius = max(1, int(4.0 * sigma + 0.5))

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 ModuleDef = Any
@@ -193,9 +194,40 @@ def build(name: str, **kwargs) -> ResNet:
     return ResNet(arch=name, **kwargs)
 
 
-def load_pretrained(path: str | os.PathLike) -> dict[str, Any]:
-    """Load converted torchvision weights (``params`` + ``batch_stats``); no torch needed."""
+def expected_shapes(arch: str) -> dict[str, Any]:
+    """``{"params", "batch_stats"}`` of ``ResNet(arch)`` as ShapeDtypeStructs (no compute)."""
+    model = build(arch)
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+
+
+def _check_variables(variables: dict[str, Any], arch: str, path: str) -> None:
+    from flax import traverse_util
+
+    want = {"/".join(k): tuple(v.shape)
+            for k, v in traverse_util.flatten_dict(dict(expected_shapes(arch))).items()}
+    got = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(variables).items()}
+    problems = []
+    for label, keys in (("missing", sorted(set(want) - set(got))), ("unexpected", sorted(set(got) - set(want)))):
+        if keys:
+            problems.append(f"{len(keys)} {label} variable(s): {', '.join(keys[:10])}"
+                            + (" ..." if len(keys) > 10 else ""))
+    wrong = [f"{k}: expected {want[k]}, got {got[k]}" for k in sorted(set(want) & set(got)) if want[k] != got[k]]
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s): {'; '.join(wrong[:10])}" + (" ..." if len(wrong) > 10 else ""))
+    if problems:
+        raise ValueError(f"{path} does not hold {arch} weights: {'. '.join(problems)}. "
+                         f"Reconvert it with --arch {arch}.")
+
+
+def load_pretrained(path: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
+    """Load converted torchvision weights (``params`` + ``batch_stats``); no torch needed.
+
+    With ``arch`` the tree is checked against ``ResNet(arch)`` (names and shapes), and against
+    the arch in the metadata record ``<path>.json`` when there is one.
+    """
     from flax import serialization
+    from flax import traverse_util
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -204,14 +236,25 @@ def load_pretrained(path: str | os.PathLike) -> dict[str, Any]:
             "`python -m pretrained_conversion.convert_torchvision --arch resnet18 --download "
             f"--output {path}` (needs the 'convert' extra and internet), or pass a state dict "
             "with --input.")
+    if arch is not None:
+        _arch(arch)
+        meta = read_metadata(path)
+        if meta and meta.get("arch") not in (None, arch):
+            raise ValueError(f"{path} holds {meta['arch']} weights (per {path}.json), but {arch} was asked for.")
     with open(path, "rb") as f:
         data = f.read()
     try:
         variables = serialization.msgpack_restore(data)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is not a converted rstpm-jax weight file (msgpack): {e}") from e
+        raise ValueError(f"{path} is not a readable converted weight file (msgpack: {e}); "
+                         "reconvert it with pretrained_conversion.convert_torchvision.") from e
     if not isinstance(variables, dict) or set(variables) != {"params", "batch_stats"}:
         raise ValueError(f"{path} does not hold 'params' and 'batch_stats'; reconvert it.")
+    for key, leaf in traverse_util.flatten_dict(variables).items():
+        if not (isinstance(leaf, np.ndarray) and np.issubdtype(leaf.dtype, np.floating)):
+            raise ValueError(f"{path}: variable {'/'.join(key)} is not a float array; reconvert it.")
+    if arch is not None:
+        _check_variables(variables, arch, path)
     return jax.tree.map(jnp.asarray, variables)
 
 
@@ -220,8 +263,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     meta = os.fspath(path) + ".json"
     if not os.path.isfile(meta):
         return None
-    with open(meta) as f:
-        return json.load(f)
+    try:
+        with open(meta) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Weight metadata {meta} is unreadable ({e}); reconvert or delete it.") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"Weight metadata {meta} is not a JSON object; reconvert or delete it.")
+    return record
 
 
 def truncate_variables(variables: dict[str, Any], depth: int) -> dict[str, Any]:

@@ -1,0 +1,301 @@
+"""tf.data input pipeline: decode, RGB, resize, ImageNet normalisation, shard per host, batch.
+
+Images are read straight from the scanned files (``data_dir=None``) or, with ``data_dir``,
+through the TFDS builder prepared there (``tfds_mvtec``). Either way the order is fixed in
+NumPy, so it does not depend on the number of hosts: global batch ``b`` holds positions
+``order[b*G:(b+1)*G]`` and host ``p`` reads rows ``p*L:(p+1)*L`` of it (``L = G // P``),
+which is how ``jax.make_array_from_process_local_data`` assembles the global batch.
+
+- train: one epoch, a permutation drawn from ``(seed, epoch)`` only, remainder dropped.
+- eval: every image once, in file order; the last batch is padded (``valid=False``,
+  ``index=-1``) so every host yields the same number of batches.
+
+TensorFlow is imported lazily (``load_image_file`` uses PIL only) and never sees a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from rstpm_jax.data import mvtec
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+SPLITS = ("train", "holdout", "test")
+_PIL_ONLY = (".tif", ".tiff")  # formats tf.io.decode_image cannot read
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    import tensorflow as tf
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # already initialised
+        pass
+    return tf
+
+
+def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count}).")
+    return process_index, process_count
+
+
+def _local_batch(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"Batch size {global_batch_size} must be a positive multiple of the number "
+                         f"of hosts ({process_count}); change train.batch_size / eval.batch_size.")
+    return global_batch_size // process_count
+
+
+def split_train_holdout(files: Sequence[str], holdout_fraction: float,
+                        seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split of train/good into (train, holdout); both keep the input order."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"data.holdout_fraction must be in [0, 1), got {holdout_fraction}.")
+    n = len(files)
+    n_hold = 0 if holdout_fraction == 0 else max(1, int(round(holdout_fraction * n)))
+    if n_hold >= n:
+        raise ValueError(f"data.holdout_fraction={holdout_fraction} leaves no training image out of {n}; "
+                         "lower it or add images to train/good.")
+    held = set(np.random.default_rng(seed).permutation(n)[:n_hold].tolist())
+    return ([f for i, f in enumerate(files) if i not in held],
+            [f for i, f in enumerate(files) if i in held])
+
+
+def test_items(root: str, category: str) -> list[mvtec.TestItem]:
+    """Test items in the order of ``eval_dataset(split="test")``'s ``index``."""
+    return list(mvtec.scan_category(root, category).test)
+
+
+def _items(root: str, category: str, split: str, holdout_fraction: float,
+           seed: int) -> list[mvtec.TestItem]:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
+    files = mvtec.scan_category(root, category)
+    if split == "test":
+        return list(files.test)
+    train, holdout = split_train_holdout(files.train, holdout_fraction, seed)
+    return [mvtec.TestItem(p, None, 0, mvtec.GOOD) for p in (train if split == "train" else holdout)]
+
+
+def num_examples(root: str, category: str, split: str, holdout_fraction: float = 0.1,
+                 seed: int = 0) -> int:
+    return len(_items(root, category, split, holdout_fraction, seed))
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding
+
+
+def _pil_rgb(path: bytes) -> np.ndarray:
+    return mvtec.read_rgb(path.decode())
+
+
+def _pil_mask(path: bytes) -> np.ndarray:
+    with Image.open(path.decode()) as im:
+        return np.asarray(im.convert("L"))[..., None]
+
+
+def _binarize(tf, mask):
+    m = tf.cast(mask, tf.int32)
+    peak = tf.reduce_max(m)
+    return tf.cast((m * 2 >= peak) & (peak > 0), tf.uint8)
+
+
+def _decode(tf, data, channels: int):
+    return tf.io.decode_image(data, channels=channels, dtype=tf.uint8, expand_animations=False)
+
+
+_TFDS_CACHE: dict[tuple[str, str, str], dict[str, tuple[bytes, bytes]]] = {}
+
+
+def _tfds_records(root: str, category: str, tfds_split: str, data_dir: str) -> dict[str, tuple[bytes, bytes]]:
+    """``{file_name: (png image, png mask)}`` of a TFDS split (prepared into ``data_dir`` if absent)."""
+    key = (os.path.abspath(os.path.expanduser(data_dir)), category, tfds_split)
+    if key not in _TFDS_CACHE:
+        import tensorflow_datasets as tfds
+        from rstpm_jax.data import tfds_mvtec
+        builder = tfds_mvtec.prepare(root, category, data_dir)
+        ds = builder.as_dataset(split=tfds_split, shuffle_files=False, decoders={
+            "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
+        _TFDS_CACHE[key] = {ex["file_name"].decode(): (ex["image"], ex["mask"])
+                            for ex in ds.as_numpy_iterator()}
+    return _TFDS_CACHE[key]
+
+
+def _loader(items: list[mvtec.TestItem], root: str, category: str, split: str, size: tuple[int, int],
+            data_dir: str | None, with_mask: bool):
+    """A tf function: item index -> {"image", "index"[, "mask", "label", "valid"]}."""
+    tf = _tf()
+    mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
+    labels = tf.constant([it.label for it in items] or [0], tf.int32)
+    has_mask = tf.constant([it.mask_path is not None for it in items] or [False])
+    if data_dir is None:
+        paths = tf.constant([it.path for it in items] or [""])
+        mask_paths = tf.constant([it.mask_path or "" for it in items] or [""])
+        use_pil = any(it.path.lower().endswith(_PIL_ONLY) or
+                      (it.mask_path or "").lower().endswith(_PIL_ONLY) for it in items)
+
+        def read_image(i):
+            if use_pil:
+                img = tf.numpy_function(_pil_rgb, [paths[i]], tf.uint8, stateful=False)
+                return tf.ensure_shape(img, [None, None, 3])
+            return _decode(tf, tf.io.read_file(paths[i]), 3)
+
+        def read_mask(i):
+            if use_pil:
+                m = tf.numpy_function(_pil_mask, [mask_paths[i]], tf.uint8, stateful=False)
+                return tf.ensure_shape(m, [None, None, 1])
+            return _decode(tf, tf.io.read_file(mask_paths[i]), 1)
+    else:
+        records = _tfds_records(root, category, "test" if split == "test" else "train", data_dir)
+        cdir = os.path.join(os.path.expanduser(root), category)
+        names = [os.path.relpath(it.path, cdir).replace(os.sep, "/") for it in items]
+        missing = [n for n in names if n not in records]
+        if missing:
+            raise ValueError(f"The TFDS data of {category!r} in {data_dir} lacks {missing[:5]} "
+                             f"(stale?): delete {data_dir}/mvtec_ad/{category} to rebuild it.")
+        images = tf.constant([records[n][0] for n in names] or [b""])
+        masks = tf.constant([records[n][1] for n in names] or [b""])
+
+        def read_image(i):
+            return _decode(tf, images[i], 3)
+
+        def read_mask(i):
+            return _decode(tf, masks[i], 1)
+
+    def load(i):
+        img = tf.image.resize(read_image(i), size, method="bilinear", antialias=True)
+        out = {"image": (img / 255.0 - mean) / std, "index": i}
+        if with_mask:
+            out["mask"] = tf.cond(
+                has_mask[i],
+                lambda: tf.image.resize(_binarize(tf, read_mask(i)), size, method="nearest")[..., 0],
+                lambda: tf.zeros(size, tf.uint8))
+            out["label"] = labels[i]
+            out["valid"] = tf.constant(True)
+        return out
+
+    return load
+
+
+class Batches:
+    """An iterator of NumPy batches with a known length; decode errors name the bad file."""
+
+    def __init__(self, ds: Any, num_batches: int, files: list[str]):
+        self._it = ds.as_numpy_iterator()
+        self._n = num_batches
+        self._files = files
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        tf = _tf()
+        try:
+            return next(self._it)
+        except tf.errors.OpError as e:
+            for path in self._files:  # find the culprit with a full PIL decode
+                try:
+                    with Image.open(path) as im:
+                        im.load()
+                except Exception as pil_error:
+                    raise ValueError(f"Cannot decode image file {path}: {pil_error}. Replace or "
+                                     "delete it.") from e
+            raise
+
+
+def _dataset(load, indices: np.ndarray, local_batch: int, pad: int, size: tuple[int, int]):
+    tf = _tf()
+    ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int32))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if pad:
+        h, w = size
+        filler = {"image": tf.zeros((h, w, 3), tf.float32), "index": tf.constant(-1, tf.int32),
+                  "mask": tf.zeros((h, w), tf.uint8), "label": tf.constant(0, tf.int32),
+                  "valid": tf.constant(False)}
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
+    ds = ds.batch(local_batch, drop_remainder=False)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def train_dataset(root: str, category: str, *, image_size: int | Sequence[int], global_batch_size: int,
+                  seed: int, epoch: int, holdout_fraction: float, process_index: int | None = None,
+                  process_count: int | None = None, data_dir: str | None = None) -> Batches:
+    """One epoch of {"image": (L,H,W,3) float32, "index": (L,) int32}; order from (seed, epoch) only."""
+    p, num_hosts = _host(process_index, process_count)
+    local = _local_batch(global_batch_size, num_hosts)
+    items = _items(root, category, "train", holdout_fraction, seed)
+    steps = len(items) // global_batch_size
+    if steps == 0:
+        raise ValueError(f"train.batch_size={global_batch_size} exceeds the {len(items)} training images "
+                         f"of {category!r} (after the holdout); lower the batch size.")
+    order = np.random.default_rng([seed, epoch]).permutation(len(items))
+    mine = order[:steps * global_batch_size].reshape(steps, num_hosts, local)[:, p].reshape(-1)
+    size = _hw(image_size)
+    load = _loader(items, root, category, "train", size, data_dir, with_mask=False)
+    return Batches(_dataset(load, mine, local, 0, size), steps, [items[i].path for i in mine])
+
+
+def eval_dataset(root: str, category: str, *, split: str = "test", image_size: int | Sequence[int],
+                 global_batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None, data_dir: str | None = None,
+                 holdout_fraction: float = 0.1, seed: int = 0) -> Batches:
+    """Every image of ``split`` once across hosts: {"image", "mask", "label", "valid", "index"}."""
+    p, num_hosts = _host(process_index, process_count)
+    local = _local_batch(global_batch_size, num_hosts)
+    items = _items(root, category, split, holdout_fraction, seed)
+    n = len(items)
+    steps = math.ceil(n / global_batch_size)
+    positions = np.arange(steps * global_batch_size).reshape(steps, num_hosts, local)[:, p].reshape(-1)
+    mine = positions[positions < n]  # padding positions come last on every host
+    size = _hw(image_size)
+    load = _loader(items, root, category, split, size, data_dir, with_mask=True)
+    files = [items[i].path for i in mine] + [items[i].mask_path for i in mine if items[i].mask_path]
+    return Batches(_dataset(load, mine, local, len(positions) - len(mine), size), steps, files)
+
+
+def load_images(root: str, category: str, split: str, *, image_size: int | Sequence[int],
+                holdout_fraction: float, seed: int, process_index: int | None = None,
+                process_count: int | None = None, data_dir: str | None = None,
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """This host's contiguous shard of ``split``: (N, H, W, 3) float32 images and their int32 indices."""
+    p, num_hosts = _host(process_index, process_count)
+    items = _items(root, category, split, holdout_fraction, seed)
+    mine = np.array_split(np.arange(len(items)), num_hosts)[p]
+    size = _hw(image_size)
+    if len(mine) == 0:
+        return np.zeros((0, *size, 3), np.float32), np.zeros((0,), np.int32)
+    load = _loader(items, root, category, split, size, data_dir, with_mask=False)
+    batches = list(Batches(_dataset(load, mine, batch_size, 0, size), 0, [items[i].path for i in mine]))
+    return (np.concatenate([b["image"] for b in batches]),
+            np.concatenate([b["index"] for b in batches]).astype(np.int32))
+
+
+def load_image_file(path: str, image_size: int | Sequence[int]) -> np.ndarray:
+    """One image file -> (H, W, 3) float32, preprocessed as the pipeline does (PIL, no TensorFlow)."""
+    h, w = _hw(image_size)
+    rgb = mvtec.read_rgb(path)
+    if rgb.shape[:2] != (h, w):
+        rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+    return ((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)

@@ -1,0 +1,193 @@
+"""A drop-in ``lax.conv_general_dilated`` with a fast weight gradient on XLA:CPU.
+
+XLA:CPU computes a convolution's weight gradient with a slow generic kernel (about 1 s for
+a 3x3 64->64 conv at 32x32, batch 32, on 2 cores). Here the weight gradient is instead
+``kh * kw`` matrix products over strided, shifted views of the padded input::
+
+    dW[i, j] = sum_{n,h,w} x_pad[n, h*s + i, w*s + j, :]^T  @  g[n, h, w, :]
+
+run one tap at a time (``lax.scan``: XLA:CPU otherwise runs the independent products
+concurrently and they fight over the cores), accumulated in float32. The forward pass and
+the input gradient stay XLA's own convolutions, which are fast on CPU; 1x1 convolutions
+are plain matrix products throughout. Only 2D NHWC/HWIO convolutions without dilation or
+feature groups take this path; anything else goes to ``lax.conv_general_dilated`` as is.
+Pass ``platform_conv()`` as ``conv_fn`` to the models (``nn.Conv(conv_general_dilated=...)``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                 out_spec=(0, 3, 1, 2))
+
+
+def conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """``lax.conv_general_dilated`` with the shifted-matmul weight gradient where it applies."""
+    plan = _plan(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                 dimension_numbers, feature_group_count, batch_group_count,
+                 preferred_element_type)
+    if plan is None:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+    strides, pads = plan
+    return _conv(lhs, rhs, strides, pads, _hashable(precision))
+
+
+def platform_conv() -> Callable | None:
+    """This module's convolution on CPU backends; ``None`` (XLA's own) on GPU/TPU."""
+    return conv_general_dilated if jax.default_backend() == "cpu" else None
+
+
+def _hashable(precision: Any) -> Any:
+    return tuple(precision) if isinstance(precision, list) else precision
+
+
+def _all_ones(v: Sequence[int] | None) -> bool:
+    return v is None or all(int(d) == 1 for d in v)
+
+
+def _plan(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+          feature_group_count, batch_group_count,
+          preferred_element_type) -> tuple[tuple[int, int], Pads] | None:
+    """``(strides, explicit pads)`` when the fast path applies, else ``None``."""
+    if getattr(lhs, "ndim", 0) != 4 or getattr(rhs, "ndim", 0) != 4 or len(window_strides) != 2:
+        return None
+    if dimension_numbers is None:  # lax's default is NCHW/OIHW: not ours.
+        return None
+    try:
+        dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    except (TypeError, ValueError):
+        return None
+    if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != tuple(_NHWC):
+        return None
+    if not (_all_ones(lhs_dilation) and _all_ones(rhs_dilation)):
+        return None
+    if feature_group_count != 1 or batch_group_count != 1 or preferred_element_type is not None:
+        return None
+    if lhs.dtype != rhs.dtype or not jnp.issubdtype(lhs.dtype, jnp.floating):
+        return None
+    if lhs.shape[3] != rhs.shape[2]:
+        return None  # let lax raise its own shape error
+    strides = (int(window_strides[0]), int(window_strides[1]))
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    else:
+        pads = padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if len(pads) != 2:
+        return None
+    for size, k, s, (lo, hi) in zip(lhs.shape[1:3], rhs.shape[:2], strides, pads):
+        if s < 1 or size + lo + hi < k or min(lo, hi) < 0:
+            return None
+    return strides, pads
+
+
+def _out_size(size: int, k: int, s: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - k) // s + 1
+
+
+def _lax_conv(x: Array, w: Array, strides, pads, precision) -> Array:
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+def _is_pointwise(w: Array, pads: Pads) -> bool:
+    return w.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0))
+
+
+def _subsample(x: Array, strides: tuple[int, int], out_hw: tuple[int, int]) -> Array:
+    """``x[:, ::sh, ::sw][:, :ho, :wo]`` as a static strided slice."""
+    (sh, sw), (ho, wo) = strides, out_hw
+    n, _, _, c = x.shape
+    return lax.slice(x, (0, 0, 0, 0), (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+
+
+def _matmul(a: Array, b: Array, contract: tuple[int, int], precision) -> Array:
+    """2D product contracting ``a``'s axis ``contract[0]`` with ``b``'s, in float32."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x: Array, w: Array, strides: tuple[int, int], pads: Pads, precision: Any) -> Array:
+    if _is_pointwise(w, pads):
+        ho, wo = (_out_size(x.shape[1 + a], 1, strides[a], (0, 0)) for a in range(2))
+        xs = _subsample(x, strides, (ho, wo))
+        y = _matmul(xs.reshape(-1, x.shape[3]), w[0, 0], (1, 0), precision)
+        return y.astype(x.dtype).reshape(x.shape[0], ho, wo, w.shape[3])
+    return _lax_conv(x, w, strides, pads, precision)
+
+
+def _conv_fwd(x, w, strides, pads, precision):
+    return _conv(x, w, strides, pads, precision), (x, w)
+
+
+def _conv_bwd(strides, pads, precision, res, g):
+    x, w = res
+    return _input_grad(g, x, w, strides, pads, precision), _weight_grad(g, x, w, strides, pads,
+                                                                         precision)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _weight_grad(g: Array, x: Array, w: Array, strides, pads, precision) -> Array:
+    """``dW[i, j] = sum x_pad[:, i::s, j::s]^T @ g``: one matrix product per kernel tap."""
+    kh, kw, cin, cout = w.shape
+    n, ho, wo, _ = g.shape
+    g2 = g.reshape(-1, cout)
+    if (kh, kw) == (1, 1):
+        xs = _subsample(lax.pad(x, jnp.zeros((), x.dtype),
+                                ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0))),
+                        strides, (ho, wo))
+        return _matmul(xs.reshape(-1, cin), g2, (0, 0), precision).astype(w.dtype)[None, None]
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    sh, sw = strides
+    window = (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, cin)
+
+    def tap(_, ij):
+        view = lax.dynamic_slice(xp, (0, ij[0], ij[1], 0), window)[:, ::sh, ::sw, :]
+        return None, _matmul(view.reshape(-1, cin), g2, (0, 0), precision)
+
+    taps = jnp.stack(jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij"), -1)
+    _, dw = lax.scan(tap, None, taps.reshape(kh * kw, 2))
+    return dw.reshape(kh, kw, cin, cout).astype(w.dtype)
+
+
+def _input_grad(g: Array, x: Array, w: Array, strides, pads, precision) -> Array:
+    """XLA's transposed convolution (fast on CPU); for 1x1, a matrix product scattered back."""
+    if _is_pointwise(w, pads):
+        n, ho, wo, cout = g.shape
+        dxs = _matmul(g.reshape(-1, cout), w[0, 0], (1, 1), precision).astype(x.dtype)
+        dxs = dxs.reshape(n, ho, wo, x.shape[3])
+        (sh, sw), (h, wd) = strides, x.shape[1:3]
+        cfg = ((0, 0, 0), (0, h - (ho - 1) * sh - 1, sh - 1), (0, wd - (wo - 1) * sw - 1, sw - 1),
+               (0, 0, 0))
+        return lax.pad(dxs, jnp.zeros((), x.dtype), cfg)
+    aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    transpose = jax.linear_transpose(lambda v: _lax_conv(v, w, strides, pads, precision), aval)
+    return transpose(g)[0]

@@ -1,0 +1,110 @@
+"""Device mesh, shardings and multi-host helpers (``jax.jit`` + ``NamedSharding``; no ``pmap``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+# Environment variables that mean "this process is one of several" on common clusters.
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+    """Start ``jax.distributed`` when the run spans several processes.
+
+    Explicit ``coordinator_address`` (+ count and id) for clusters that jax cannot detect;
+    otherwise TPU pods / SLURM / Open MPI are picked up from the environment. A single
+    process does nothing.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if coordinator_address:
+        if num_processes < 1 or process_id < 0:
+            raise ValueError("distributed.coordinator_address needs distributed.num_processes >= 1 "
+                             "and distributed.process_id >= 0.")
+        _maybe_cpu_collectives()
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif _looks_multiprocess():
+        _maybe_cpu_collectives()
+        jax.distributed.initialize()
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _looks_multiprocess() -> bool:
+    for name in _CLUSTER_ENV:
+        value = os.environ.get(name, "")
+        if name == "TPU_WORKER_HOSTNAMES" and "," in value:
+            return True
+        if name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE") and value.isdigit() and int(value) > 1:
+            return True
+        if name == "JAX_COORDINATOR_ADDRESS" and value:
+            return True
+    return False
+
+
+def _maybe_cpu_collectives() -> None:
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_hint():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def _has_accelerator_hint() -> bool:
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh over every device of every host, axis ``data``."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, key: str = "train.batch_size") -> None:
+    """The global batch must split evenly over all devices."""
+    n = jax.device_count()
+    if global_batch % n:
+        raise ValueError(f"config.{key}={global_batch} is not divisible by the {n} devices "
+                         f"({jax.process_count()} host(s)); choose a multiple of {n}.")
+
+
+def to_global(local: Any, mesh: Mesh) -> Any:
+    """Host-local NumPy batch (leading axis = this host's part) -> global batch-sharded arrays."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def to_host_local(tree: Any, mesh: Mesh) -> Any:
+    """Global batch-sharded arrays -> this host's part as NumPy (inverse of ``to_global``)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    local = multihost_utils.global_array_to_host_local_array(
+        tree, mesh, jax.tree.map(lambda _: P(DATA_AXIS), tree))
+    return jax.tree.map(np.asarray, local)
+
+
+def gather_to_all(tree: Any) -> Any:
+    """Batch-sharded arrays -> the whole global batch as NumPy on every host."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Place identical host values on every device (params, optimizer state)."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                                               lambda idx: np.asarray(x)[idx]), tree)

@@ -1,0 +1,42 @@
+"""Subprocess helpers for the training tests (each run gets fresh XLA flags / process state)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env(cache_dir: str | None = None, devices: int | None = None) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e["JAX_PLATFORMS"] = "cpu"
+    e["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if devices:
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    else:
+        e.pop("XLA_FLAGS", None)
+    if cache_dir:
+        # Share compiled programs between the runs of one test session.
+        e["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+        e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return e
+
+
+def main_cmd(config: str, workdir: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "rstpm_jax.main", f"--config={REPO}/configs/{config}",
+            f"--workdir={workdir}", *overrides]
+
+
+def run(cmd: list[str], env_: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env_, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_python(code: str, env_: dict[str, str], timeout: float = 600) -> str:
+    return run([sys.executable, "-c", code], env_, timeout).stdout
