@@ -1,10 +1,10 @@
 """RSTPM without attention gates (paper Table 5)."""
 
 from configs import mvtec
+from rstpm_jax import ablations
 
 
 def get_config():
   config = mvtec.get_config()
-  config.name = "rstpm_no_attention"
-  config.model.attention = False
+  ablations.rstpm_no_attention(config)
   return config

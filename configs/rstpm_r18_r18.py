@@ -1,11 +1,10 @@
 """RSTPM with ResNet18 as both teachers (paper Table 4)."""
 
 from configs import mvtec
+from rstpm_jax import ablations
 
 
 def get_config():
   config = mvtec.get_config()
-  config.name = "rstpm_r18_r18"
-  config.model.teacher2 = "resnet18"
-  config.model.teacher2_weights = config.model.teacher1_weights
+  ablations.rstpm_r18_r18(config)
   return config

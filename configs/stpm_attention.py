@@ -1,10 +1,10 @@
 """STPM + attention gates (student 1 only)."""
 
 from configs import mvtec
+from rstpm_jax import ablations
 
 
 def get_config():
   config = mvtec.get_config()
-  config.name = "stpm_attention"
-  config.model.student2 = False
+  ablations.stpm_attention(config)
   return config

@@ -57,6 +57,7 @@ class ConversionError(ValueError):
 def _import_torch() -> Any:
     try:
         import torch
+        import torchvision  # noqa: F401 - the convert extra installs both
     except ImportError as e:
         raise ConversionError(
             f"Converting torchvision weights needs torch and torchvision: {INSTALL_HINT}") from e
@@ -245,8 +246,7 @@ def convert_file(input: str | os.PathLike, output: str | os.PathLike, arch: str,
 
 def download(arch: str, weights: str = "IMAGENET1K_V1") -> tuple[str, str]:
     """Fetch torchvision's ``weights`` for ``arch`` into torch's hub cache; returns (file, url)."""
-    _import_torch()
-    import torch
+    torch = _import_torch()
     import torchvision
 
     try:

@@ -48,6 +48,18 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a training run wrote to ``WORKDIR/config.json``."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        held = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else None
+        where = f"it holds: {held or 'nothing'}" if held is not None else "the folder does not exist"
+        raise FileNotFoundError(f"{path} not found ({where}). Point --workdir at the folder a "
+                                "`python -m rstpm_jax.main` training run wrote.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
 def load_trained(config: ml_collections.ConfigDict, workdir: str, category: str,
                  mesh: jax.sharding.Mesh) -> tuple[RSTPM, Any, dict]:
     """Model, teacher variables and the latest students' checkpoint of a trained category."""
@@ -106,10 +118,14 @@ def compute_thresholds(config, root, category, infer, teacher_vars, student_vars
                         "threshold; predict needs --image_threshold.", category)
         return {}
     image_scores = np.concatenate(image_scores)
+    image_threshold = float(np.percentile(image_scores, q))
     return {"percentile": q, "num_images": int(image_scores.size),
-            "image_threshold": float(np.percentile(image_scores, q)),
+            "image_threshold": image_threshold,
             "pixel_threshold": float(np.percentile(np.concatenate(pixels), q)),
-            "normal_image_score_median": float(np.median(image_scores))}
+            "normal_image_score_median": float(np.median(image_scores)),
+            # One threshold across categories: normalized_score = score / scale (1.0 = threshold).
+            "normalization": {"normalized_score": "score / scale",
+                              "scale": image_threshold}}
 
 
 def evaluate_category(config: ml_collections.ConfigDict, workdir: str, root: str, category: str,
@@ -126,6 +142,7 @@ def evaluate_category(config: ml_collections.ConfigDict, workdir: str, root: str
     acc = metrics.MetricsAccumulator(max_fpr=float(config.eval.pro_max_fpr))
     examples: dict[str, list] = {}
     scores, n = [], 0
+    per_image: list[tuple[str, int, float]] = []  # (file, label, score) -> test_scores.csv
     from rstpm_jax.data import input_pipeline  # noqa: PLC0415
     items = input_pipeline.test_items(root, category)
     for inputs, out in run_split(config, root, category, "test", infer, teacher_vars, student_vars, mesh):
@@ -133,6 +150,8 @@ def evaluate_category(config: ml_collections.ConfigDict, workdir: str, root: str
         scores.append(out["score"])
         if jax.process_index() == 0:
             acc.update(out["map"], inputs["mask"], inputs["label"], out["levels"])
+            per_image.extend((items[int(i)].path, int(lbl), float(s))
+                             for i, lbl, s in zip(inputs["index"], inputs["label"], out["score"]))
             _keep_examples(examples, items, inputs, out)
     if jax.process_index() != 0:
         return {"num_test_images": n, "thresholds": thresholds}
@@ -142,6 +161,7 @@ def evaluate_category(config: ml_collections.ConfigDict, workdir: str, root: str
     os.makedirs(cat_dir, exist_ok=True)
     with open(os.path.join(cat_dir, "thresholds.json"), "w") as f:
         json.dump(thresholds, f, indent=2)
+    _write_test_scores(os.path.join(cat_dir, "test_scores.csv"), per_image)
     reports.write_category_results(
         cat_dir, category, {k: v for k, v in result.items() if k not in ("thresholds", "eval_seconds")},
         config.to_dict(), {"model": str(config.name), "thresholds": thresholds,
@@ -152,6 +172,15 @@ def evaluate_category(config: ml_collections.ConfigDict, workdir: str, root: str
                  result.get("image_auroc", float("nan")), result.get("pixel_auroc", float("nan")),
                  result.get("aupro", float("nan")), n)
     return result
+
+
+def _write_test_scores(path: str, rows: list[tuple[str, int, float]]) -> None:
+    """Per-image test scores (file, label, score) in test order, for predict's consistency check."""
+    import csv  # noqa: PLC0415
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("file", "label", "score"))
+        writer.writerows((p, lbl, repr(s)) for p, lbl, s in rows)
 
 
 def _keep_examples(examples: dict, items: list, inputs: dict, out: dict) -> None:

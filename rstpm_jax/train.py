@@ -296,6 +296,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.check_batch_size(int(config.train.batch_size))
     sharding.check_batch_size(int(config.eval.batch_size), "eval.batch_size")
     mesh = sharding.make_mesh()
+    if config.mode == "train" and jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     results = {}
     for category in categories:
         if config.mode == "train":

@@ -103,7 +103,8 @@ def test_resolve_categories(root, tmp_path):
     assert mvtec.resolve_categories(root, " mesh,fabric ,mesh") == ["mesh", "fabric"]
     with pytest.raises(ValueError, match="bottle.*button, fabric, mesh.*mvtec.com"):
         mvtec.resolve_categories(root, "bottle,mesh")
-    with pytest.raises(FileNotFoundError, match="does not exist.*mvtec.com/company/research/datasets/mvtec-ad"):
+    url = "mvtec.com/company/research/datasets/mvtec-ad"
+    with pytest.raises(FileNotFoundError, match=f"does not exist.*{url}"):
         mvtec.resolve_categories(str(tmp_path / "nowhere"), "all")
     (tmp_path / "empty" / "stuff").mkdir(parents=True)
     with pytest.raises(ValueError, match="No category folder.*stuff.*mvtec.com"):
@@ -243,6 +244,13 @@ def test_train_order_depends_only_on_seed_and_epoch(root):
     h0, h1 = run(0, 0, 0, 2), run(0, 0, 1, 2)
     for g, x0, x1 in zip(a, h0, h1):
         np.testing.assert_array_equal(g["index"], np.concatenate([x0["index"], x1["index"]]))
+    # decoding every epoch (no in-memory cache) gives the same batches
+    uncached = list(ip.train_dataset(root, "fabric", image_size=32, global_batch_size=8, seed=0, epoch=0,
+                                     holdout_fraction=0.1, process_index=0, process_count=1,
+                                     cache_max_bytes=0))
+    for x, y in zip(a, uncached):
+        np.testing.assert_array_equal(x["index"], y["index"])
+        np.testing.assert_array_equal(x["image"], y["image"])
     # the image is the file at that index
     files = ip._items(root, "fabric", "train", 0.1, 0)
     np.testing.assert_allclose(a[0]["image"][0], ip.load_image_file(files[a[0]["index"][0]].path, 32),
@@ -399,3 +407,14 @@ def test_decode_failure_in_the_pipeline_names_the_file(broken):
     with pytest.raises(ValueError, match="Cannot decode image file .*003.jpg"):
         ip.load_images(broken, "mesh", "train", image_size=32, holdout_fraction=0.0, seed=0,
                        process_index=0, process_count=1)
+
+
+def test_scan_synthetic_and_inference_loading_do_not_import_tensorflow(root):
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "from rstpm_jax.data import input_pipeline, mvtec, synthetic\n"
+            f"mvtec.scan_category({root!r}, 'button')\n"
+            f"input_pipeline.load_image_file(mvtec.scan_category({root!r}, 'mesh').train[0], 32)\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -132,22 +133,35 @@ def test_summary_report_and_cli():
 
 # --- shapes at full size, for free ----------------------------------------------------------
 
-def abstract_forward(model: rstpm.RSTPM, image_shape: tuple[int, int, int, int]):
-    def run(key):
-        tvars, svars = model.init(key, image_shape)
-        x = jnp.zeros(image_shape, jnp.float32)
+@pytest.fixture(scope="module")
+def abstract_model():
+    """``name -> (model, abstract teacher vars, abstract student vars)``; variables do not depend on size."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in cache:
+            model = rstpm.build_model(load_config(name).model)
+            init = functools.partial(model.init, image_shape=(1, 64, 64, 3))
+            cache[name] = (model, *jax.eval_shape(init, jax.random.key(0)))
+        return cache[name]
+
+    return get
+
+
+def abstract_forward(model: rstpm.RSTPM, tvars, svars, image_shape: tuple[int, int, int, int]):
+    def run(tvars, svars, x):
         teacher = model.teacher_features(tvars, x)
         return teacher, model.student_features(svars, x, teacher, train=False)[0]
-    return jax.eval_shape(run, jax.random.key(0))
+    return jax.eval_shape(run, tvars, svars, jax.ShapeDtypeStruct(image_shape, jnp.float32))
 
 
 def check_features(name: str, teacher: dict, student: dict, image_shape) -> None:
     t1, t2, students, _ = EXPECTED[name]
     b, h, w, _ = image_shape
-    assert tuple(student) == students
+    assert set(student) == set(students)
     assert set(teacher) == ({"teacher1", "teacher2"} if t2 else {"teacher1"})
-    t1_levels = ("stem", *LEVELS, "layer4") if t2 else ("stem", *LEVELS)
-    assert tuple(teacher["teacher1"]) == t1_levels  # layer4 only when student 2 needs it
+    t1_levels = {"stem", *LEVELS, "layer4"} if t2 else {"stem", *LEVELS}
+    assert set(teacher["teacher1"]) == t1_levels  # layer4 only when student 2 needs it
     for tname, arch in (("teacher1", t1), ("teacher2", t2)):
         for lvl, feat in teacher.get(tname, {}).items():
             width = 64 if lvl == "stem" else WIDTHS[arch][lvl]
@@ -161,10 +175,9 @@ def check_features(name: str, teacher: dict, student: dict, image_shape) -> None
 
 @pytest.mark.parametrize("size", [(256, 256), (224, 320)])
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
-def test_output_shapes_full_size(name, size):
-    model = rstpm.build_model(load_config(name).model)
+def test_output_shapes_full_size(abstract_model, name, size):
     image_shape = (2, *size, 3)
-    teacher, student = abstract_forward(model, image_shape)
+    teacher, student = abstract_forward(*abstract_model(name), image_shape)
     check_features(name, teacher, student, image_shape)
 
 
@@ -203,7 +216,7 @@ def numpy_variables(abstract, seed: int):
         name, shape = path[-1].key, leaf.shape
         if name == "kernel":
             std = math.sqrt(2.0 / (math.prod(shape[:-2]) * shape[-1]))
-            value = rng.normal(0.0, std, shape)
+            value = rng.standard_normal(shape, dtype=np.float32) * std
         elif name in ("scale", "var"):
             value = rng.uniform(0.5, 1.5, shape)
         elif name in ("bias", "mean"):
@@ -222,31 +235,29 @@ class Run:
     svars: dict
     x: jax.Array
     teacher: dict
-    eval_out: dict
     train_out: dict
     updates: dict
+    students_fn: Callable  # (svars, x, teacher) -> (features, updates), train=True
 
 
-def make_run(name: str) -> Run:
-    model = rstpm.build_model(load_config(name).model)
-    abstract_t, abstract_s = jax.eval_shape(functools.partial(model.init, image_shape=IMAGE),
-                                            jax.random.key(0))
+def make_run(model: rstpm.RSTPM, abstract_t: dict, abstract_s: dict) -> Run:
     tvars, svars = numpy_variables(abstract_t, 1), numpy_variables(abstract_s, 2)
     x = jnp.asarray(np.random.default_rng(3).normal(size=IMAGE), jnp.float32)
+    # Eager, not jitted: op-by-op compiles are shared between configs (same layer shapes).
     teacher = model.teacher_features(tvars, x)
-    eval_out, none = model.student_features(svars, x, teacher, train=False)
-    assert none == {}
-    train_out, updates = model.student_features(svars, x, teacher, train=True, capture_attention=True)
-    return Run(model, tvars, svars, x, teacher, eval_out, train_out, updates)
+    students_fn = functools.partial(model.student_features, train=True, capture_attention=True)
+    train_out, updates = students_fn(svars, x, teacher)
+    return Run(model, tvars, svars, x, teacher, train_out, updates, students_fn)
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(abstract_model):
+    """``name -> Run``: one real forward (batch 2, 64x96, random weights) per config, shared."""
     cache: dict[str, Run] = {}
 
     def get(name: str) -> Run:
         if name not in cache:
-            cache[name] = make_run(name)
+            cache[name] = make_run(*abstract_model(name))
         return cache[name]
 
     return get
@@ -256,9 +267,8 @@ def runs():
 def test_forward_pass(runs, name):
     r = runs(name)
     _, t2, students, att = EXPECTED[name]
-    check_features(name, r.teacher, r.eval_out, IMAGE)
     check_features(name, r.teacher, r.train_out, IMAGE)
-    for tree in (r.teacher, r.eval_out, r.train_out):
+    for tree in (r.teacher, r.train_out):
         for leaf in jax.tree.leaves(tree):
             assert bool(jnp.all(jnp.isfinite(leaf)))
     total, metrics = losses.paper_loss(rstpm.feature_pairs(r.teacher, r.train_out))
@@ -294,7 +304,8 @@ def test_attention_maps_are_one_channel_in_unit_interval(runs, name):
             (a,) = gates_[f"attention_{lvl}"]["attention"]
             b, h, w, _ = IMAGE
             assert a.shape == (b, h // STRIDES[lvl], w // STRIDES[lvl], 1)
-            assert bool(jnp.all((a > 0) & (a < 1)))
+            # A sigmoid: in (0, 1), up to float32 saturation on these random weights.
+            assert bool(jnp.all((a >= 0) & (a <= 1)))
             assert float(jnp.std(a)) > 0  # it varies over positions
 
 
@@ -307,49 +318,46 @@ def test_student2_widths_follow_teacher2(runs):
 
 
 def test_teachers_get_no_gradient_and_gates_pass_none_to_teacher_inputs(runs):
-    r = runs("mvtec")
+    r = runs("rstpm_r18_r18")  # both students and gates; cheaper teachers than mvtec
     model, x = r.model, r.x
-    weights = jax.tree.map(lambda f: jnp.asarray(np.random.default_rng(4).normal(size=f.shape), f.dtype),
-                           r.train_out)
     zeros = jax.tree.map(jnp.zeros_like, r.teacher)
 
-    def objective(tparams, sparams, feed_delta):
+    def objective(tparams, sparams, feed_delta, target_delta):
         teacher = model.teacher_features({"params": tparams, "batch_stats": r.tvars["batch_stats"]}, x)
-        feed = jax.tree.map(jnp.add, teacher, feed_delta)  # what the students receive
+        feed = jax.tree.map(jnp.add, teacher, feed_delta)  # what the students (and gates) receive
+        target = jax.tree.map(jnp.add, teacher, target_delta)  # what the loss compares with
         student, _ = model.student_features({"params": sparams, "batch_stats": r.svars["batch_stats"]},
                                             x, feed, train=True)
-        loss, _ = losses.paper_loss(rstpm.feature_pairs(teacher, student))
-        # A random linear read-out of the raw student features too, so nothing cancels by design.
-        readout = sum(jnp.vdot(w, s) for w, s in zip(jax.tree.leaves(weights), jax.tree.leaves(student)))
-        return loss + 1e-3 * readout
+        return losses.paper_loss(rstpm.feature_pairs(target, student))[0]
 
-    g_teacher, g_student, g_feed = jax.grad(objective, argnums=(0, 1, 2))(
-        r.tvars["params"], r.svars["params"], zeros)
+    g_teacher, g_feed, g_target = jax.grad(objective, argnums=(0, 2, 3))(
+        r.tvars["params"], r.svars["params"], zeros, zeros)
     assert all(not bool(jnp.any(g)) for g in jax.tree.leaves(g_teacher))  # exactly zero
     assert all(not bool(jnp.any(g)) for g in jax.tree.leaves(g_feed))
-    for sname in ("student1", "student2"):
-        for part, tree in g_student[sname].items():
-            assert float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(tree))) > 0, (sname, part)
-    # ...although the students do read the teacher features (forward), through the gates and
-    # (student 2) teacher 1's layer4.
-    for tname, lvl, sname in (("teacher1", "layer2", "student1"), ("teacher2", "layer1", "student2"),
-                              ("teacher1", "layer4", "student2")):
-        feed = jax.tree.map(lambda a: a, r.teacher)
-        feed[tname] = dict(feed[tname], **{lvl: feed[tname][lvl] * 1.5 + 0.3})
-        out, _ = model.student_features(r.svars, x, feed, train=False)
-        assert not np.allclose(out[sname]["layer1"], r.eval_out[sname]["layer1"]), (tname, lvl)
+    # Control: the same loss does depend on the teacher features, as targets.
+    for tname, lvl in (("teacher1", "layer1"), ("teacher1", "layer3"), ("teacher2", "layer2")):
+        assert bool(jnp.any(g_target[tname][lvl])), (tname, lvl)
+    # ...and the students do read the features they are fed (forward): through the gates and,
+    # for student 2, teacher 1's layer4.
+    for tname, lvl, sname, out_lvl in (("teacher1", "layer2", "student1", "layer2"),
+                                       ("teacher2", "layer1", "student2", "layer1"),
+                                       ("teacher1", "layer4", "student2", "layer3")):
+        feed = {k: dict(v) for k, v in r.teacher.items()}
+        feed[tname][lvl] = feed[tname][lvl] * 1.5 + 0.3
+        out, _ = r.students_fn(r.svars, x, feed)
+        assert not np.allclose(out[sname][out_lvl], r.train_out[sname][out_lvl]), (tname, lvl)
 
 
 def test_batchnorm_modes(runs):
     r = runs("stpm_attention")
     model, x = r.model, r.x
     # train=False: running statistics are used and left alone; each image is processed alone.
-    out, state = model.students.apply(r.svars, x, r.teacher, False, mutable=["batch_stats"])
+    eval_out, state = model.students.apply(r.svars, x, r.teacher, False, mutable=["batch_stats"])
     for a, b in zip(jax.tree.leaves(r.svars["batch_stats"]), jax.tree.leaves(state["batch_stats"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     first = jax.tree.map(lambda f: f[:1], r.teacher)
     single, _ = model.student_features(r.svars, x[:1], first, train=False)
-    np.testing.assert_allclose(single["student1"]["layer3"], r.eval_out["student1"]["layer3"][:1],
+    np.testing.assert_allclose(single["student1"]["layer3"], eval_out["student1"]["layer3"][:1],
                                rtol=1e-4, atol=1e-5)
     # Teachers are always in inference mode.
     np.testing.assert_allclose(model.teacher_features(r.tvars, x[:1])["teacher1"]["layer3"],
@@ -392,6 +400,9 @@ def test_attention_gate_rule_and_stop_gradient(mode):
     np.testing.assert_allclose(out, want, rtol=1e-6)
     g = jax.grad(lambda t: jnp.sum(gate.apply(variables, t, student, False) ** 2))(teacher)
     assert not bool(jnp.any(g))
+    g_params = jax.grad(lambda p: jnp.sum(gate.apply({**variables, "params": p}, teacher, student,
+                                                       False) ** 2))(variables["params"])
+    assert all(bool(jnp.any(leaf)) for leaf in jax.tree.leaves(g_params))  # the gate itself learns
     assert not np.allclose(gate.apply(variables, teacher * 2.0 + 1.0, student, False), out)
     with pytest.raises(ValueError, match="one size"):
         gate.apply(variables, teacher[:, :4], student, False)

@@ -26,6 +26,9 @@ from rstpm_jax.data import mvtec
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# (x / 255 - mean) / std as one multiply-add, shared by the TF and PIL paths.
+_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
 SPLITS = ("train", "holdout", "test")
 _PIL_ONLY = (".tif", ".tiff")  # formats tf.io.decode_image cannot read
 
@@ -142,9 +145,11 @@ def _tfds_records(root: str, category: str, tfds_split: str, data_dir: str) -> d
 
 def _loader(items: list[mvtec.TestItem], root: str, category: str, split: str, size: tuple[int, int],
             data_dir: str | None, with_mask: bool):
-    """A tf function: item index -> {"image", "index"[, "mask", "label", "valid"]}."""
+    """A tf function: item index -> {"image" (uint8, resized), "index"[, "mask", "label", "valid"]}.
+
+    The resized image is rounded to uint8, as PIL's resize in ``load_image_file`` is.
+    """
     tf = _tf()
-    mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
     labels = tf.constant([it.label for it in items] or [0], tf.int32)
     has_mask = tf.constant([it.mask_path is not None for it in items] or [False])
     if data_dir is None:
@@ -183,7 +188,7 @@ def _loader(items: list[mvtec.TestItem], root: str, category: str, split: str, s
 
     def load(i):
         img = tf.image.resize(read_image(i), size, method="bilinear", antialias=True)
-        out = {"image": (img / 255.0 - mean) / std, "index": i}
+        out = {"image": tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8), "index": i}
         if with_mask:
             out["mask"] = tf.cond(
                 has_mask[i],
@@ -225,10 +230,18 @@ class Batches:
             raise
 
 
-def _dataset(load, indices: np.ndarray, local_batch: int, pad: int, size: tuple[int, int]):
+def _dataset(load, indices: np.ndarray, local_batch: int, pad: int, size: tuple[int, int],
+             normalize: bool = True):
     tf = _tf()
+    scale, offset = tf.constant(_SCALE), tf.constant(_OFFSET)
+
+    def norm(ex):
+        return {**ex, "image": tf.cast(ex["image"], tf.float32) * scale + offset}
+
     ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int32))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if normalize:
+        ds = ds.map(norm, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if pad:
         h, w = size
         filler = {"image": tf.zeros((h, w, 3), tf.float32), "index": tf.constant(-1, tf.int32),
@@ -239,10 +252,34 @@ def _dataset(load, indices: np.ndarray, local_batch: int, pad: int, size: tuple[
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+# One entry: the decoded, resized training images of the category being trained.
+_PIXEL_CACHE: dict[tuple, Any] = {}
+
+
+def _cached_loader(items: list[mvtec.TestItem], root: str, category: str, size: tuple[int, int],
+                   data_dir: str | None):
+    """Decodes and resizes every training image once; later epochs gather from memory."""
+    tf = _tf()
+    key = (tuple((it.path, os.stat(it.path).st_mtime_ns) for it in items), size, data_dir)
+    if key not in _PIXEL_CACHE:
+        _PIXEL_CACHE.clear()
+        load = _loader(items, root, category, "train", size, data_dir, with_mask=False)
+        ds = _dataset(load, np.arange(len(items)), 64, 0, size, normalize=False)
+        batches = list(Batches(ds, 0, [it.path for it in items]))
+        _PIXEL_CACHE[key] = tf.constant(np.concatenate([b["image"] for b in batches]))
+    pixels = _PIXEL_CACHE[key]
+    return lambda i: {"image": tf.gather(pixels, i), "index": i}
+
+
 def train_dataset(root: str, category: str, *, image_size: int | Sequence[int], global_batch_size: int,
                   seed: int, epoch: int, holdout_fraction: float, process_index: int | None = None,
-                  process_count: int | None = None, data_dir: str | None = None) -> Batches:
-    """One epoch of {"image": (L,H,W,3) float32, "index": (L,) int32}; order from (seed, epoch) only."""
+                  process_count: int | None = None, data_dir: str | None = None,
+                  cache_max_bytes: int = 4 * 2**30) -> Batches:
+    """One epoch of {"image": (L,H,W,3) float32, "index": (L,) int32}; order from (seed, epoch) only.
+
+    When the resized uint8 images fit in ``cache_max_bytes`` they are decoded once per process
+    and kept in memory for later epochs (same values as decoding each time).
+    """
     p, num_hosts = _host(process_index, process_count)
     local = _local_batch(global_batch_size, num_hosts)
     items = _items(root, category, "train", holdout_fraction, seed)
@@ -253,7 +290,10 @@ def train_dataset(root: str, category: str, *, image_size: int | Sequence[int], 
     order = np.random.default_rng([seed, epoch]).permutation(len(items))
     mine = order[:steps * global_batch_size].reshape(steps, num_hosts, local)[:, p].reshape(-1)
     size = _hw(image_size)
-    load = _loader(items, root, category, "train", size, data_dir, with_mask=False)
+    if len(items) * size[0] * size[1] * 3 <= cache_max_bytes:
+        load = _cached_loader(items, root, category, size, data_dir)
+    else:
+        load = _loader(items, root, category, "train", size, data_dir, with_mask=False)
     return Batches(_dataset(load, mine, local, 0, size), steps, [items[i].path for i in mine])
 
 
@@ -298,4 +338,4 @@ def load_image_file(path: str, image_size: int | Sequence[int]) -> np.ndarray:
     rgb = mvtec.read_rgb(path)
     if rgb.shape[:2] != (h, w):
         rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-    return ((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    return rgb.astype(np.float32) * _SCALE + _OFFSET

@@ -1,0 +1,178 @@
+"""``rstpm_jax.ops.conv``: forward and both gradients against ``lax.conv_general_dilated``."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from rstpm_jax.models import resnet
+from rstpm_jax.ops import conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+# (height, width, c_in, c_out, kernel, stride, padding): ResNet18/50's convolutions at toy
+# sizes (7x7/2 stem, 3x3 and 3x3/2, 1x1 and 1x1/2), odd and non-square inputs, a 5x5/3,
+# and padding given as a string or asymmetric pairs.
+CASES = [
+    (16, 16, 3, 8, 7, 2, ((3, 3), (3, 3))),
+    (8, 8, 4, 6, 3, 1, ((1, 1), (1, 1))),
+    (8, 8, 4, 6, 3, 2, ((1, 1), (1, 1))),
+    (8, 8, 4, 6, 1, 1, ((0, 0), (0, 0))),
+    (8, 8, 4, 6, 1, 2, ((0, 0), (0, 0))),
+    (9, 11, 3, 5, 3, 2, ((1, 1), (1, 1))),
+    (9, 7, 4, 6, 1, 2, ((0, 0), (0, 0))),
+    (15, 13, 3, 4, 7, 2, ((3, 3), (3, 3))),
+    (11, 10, 2, 3, 5, 3, ((2, 2), (2, 2))),
+    (10, 9, 3, 4, 3, 2, "SAME"),
+    (9, 9, 3, 4, 3, 1, "VALID"),
+    (8, 9, 3, 4, 3, 2, ((0, 1), (1, 0))),
+    (6, 6, 3, 4, 1, 1, ((1, 1), (0, 1))),
+]
+
+
+def _inputs(h, w, cin, cout, k, batch=2, seed=0):
+    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+    return (jax.random.normal(kx, (batch, h, w, cin)),
+            jax.random.normal(kw, (k, k, cin, cout)) / np.sqrt(k * k * cin))
+
+
+def _loss(conv_fn, stride, padding):
+    """A non-linear scalar of the conv output, so the cotangent is not all ones."""
+    def f(x, w):
+        y = conv_fn(x, w, (stride, stride), padding, dimension_numbers=DN)
+        return jnp.sum(jnp.sin(y) * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+    return f
+
+
+def _close(actual, expected, rtol=1e-5):
+    expected = np.asarray(expected, np.float32)
+    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=rtol,
+                               atol=rtol * float(np.max(np.abs(expected))))
+
+
+@pytest.mark.parametrize("h,w,cin,cout,k,stride,padding", CASES)
+def test_forward_and_grads_match_lax(h, w, cin, cout, k, stride, padding):
+    x, kern = _inputs(h, w, cin, cout, k)
+    y_ref = lax.conv_general_dilated(x, kern, (stride, stride), padding, dimension_numbers=DN)
+    y = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding,
+                                                       dimension_numbers=DN))(x, kern)
+    assert y.shape == y_ref.shape
+    _close(y, y_ref)
+    dx_ref, dw_ref = jax.grad(_loss(lax.conv_general_dilated, stride, padding), (0, 1))(x, kern)
+    dx, dw = jax.jit(jax.grad(_loss(conv.conv_general_dilated, stride, padding), (0, 1)))(x, kern)
+    _close(dx, dx_ref)
+    _close(dw, dw_ref)
+
+
+def test_weight_grad_matches_numpy_loop():
+    """dW[i, j] = sum over outputs of x_pad[n, h*s+i, w*s+j]^T g[n, h, w], written out."""
+    x, kern = _inputs(7, 6, 2, 3, 3, seed=3)
+    g = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 3, 3))
+    f = lambda w: conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)),  # noqa: E731
+                                            dimension_numbers=DN)
+    dw = jax.vjp(f, kern)[1](g)[0]
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    gn = np.asarray(g, np.float64)
+    expected = np.zeros((3, 3, 2, 3))
+    for i in range(3):
+        for j in range(3):
+            for n in range(2):
+                for a in range(4):
+                    for b in range(3):
+                        expected[i, j] += np.outer(xp[n, 2 * a + i, 2 * b + j], gn[n, a, b])
+    _close(dw, expected)
+
+
+def _uses_custom_vjp(fn, *args) -> bool:
+    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_fast_path_taken_and_fallthrough_identical():
+    x, kern = _inputs(8, 8, 4, 4, 3)
+    fast = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                                  dimension_numbers=DN)
+    assert _uses_custom_vjp(fast, x, kern)
+    # Unsupported: dilation, feature groups, NCHW layout, preferred_element_type -> plain lax.
+    others = [
+        dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2), dimension_numbers=DN),
+        dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2),
+             dimension_numbers=DN),
+        dict(window_strides=(1, 1), padding="SAME", feature_group_count=2, dimension_numbers=DN),
+        dict(window_strides=(2, 2), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")),
+        dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN,
+             preferred_element_type=jnp.float32),
+    ]
+    for kwargs in others:
+        w = kern[:, :, :2] if kwargs.get("feature_group_count") == 2 else kern
+        if kwargs["dimension_numbers"][0] == "NCHW":
+            w = jnp.transpose(kern, (3, 2, 0, 1))
+        ours = lambda x, w, kw=kwargs: conv.conv_general_dilated(x, w, **kw)  # noqa: E731
+        assert not _uses_custom_vjp(ours, x, w), kwargs
+        ref = lax.conv_general_dilated(x, w, **kwargs)
+        np.testing.assert_array_equal(np.asarray(ours(x, w)), np.asarray(ref))
+
+
+def test_platform_conv():
+    expected = conv.conv_general_dilated if jax.default_backend() == "cpu" else None
+    assert conv.platform_conv() is expected
+
+
+class _Block(nn.Module):
+    """Stem conv, a strided 3x3 and a strided 1x1 (ResNet's downsample), with conv_fn."""
+
+    conv_fn: object = None
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        layer = lambda *a, **k: resnet.conv_layer(*a, dtype=self.dtype,  # noqa: E731
+                                                  conv_fn=self.conv_fn, **k)
+        y = nn.relu(layer(8, 7, 2, name="stem")(x))
+        return layer(16, 3, 2, name="c3")(y) + layer(16, 1, 2, name="down")(y)
+
+
+@pytest.fixture(scope="module")
+def block_setup():
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 16, 16, 3))
+    params = _Block().init(jax.random.PRNGKey(6), x)["params"]
+    return x, params
+
+
+def _block_grads(conv_fn, dtype, x, params):
+    def loss(p, x):
+        y = _Block(conv_fn, dtype).apply({"params": p}, x)
+        return jnp.mean(jnp.square(y.astype(jnp.float32) - 0.3))
+    return jax.jit(jax.grad(loss, (0, 1)))(params, x)
+
+
+def test_flax_conv_with_custom_fn_matches_default(block_setup):
+    x, params = block_setup
+    y_ref = _Block().apply({"params": params}, x)
+    y = _Block(conv.conv_general_dilated).apply({"params": params}, x)
+    _close(y, y_ref)
+    ref = _block_grads(None, jnp.float32, x, params)
+    ours = _block_grads(conv.conv_general_dilated, jnp.float32, x, params)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        _close(a, b)
+
+
+def test_bfloat16(block_setup):
+    x, params = block_setup
+    ref = _block_grads(None, jnp.float32, x, params)
+    ours = _block_grads(conv.conv_general_dilated, jnp.bfloat16, x, params)
+    for a, b, p in zip(jax.tree.leaves(ours[0]), jax.tree.leaves(ref[0]), jax.tree.leaves(params)):
+        assert a.dtype == p.dtype == jnp.float32  # gradients in the parameters' dtype
+        _close(a, b, rtol=5e-2)
+    # Direct bf16 call: outputs and gradients keep bfloat16.
+    xb, kb = (v.astype(jnp.bfloat16) for v in _inputs(8, 8, 4, 6, 3))
+    f = _loss(conv.conv_general_dilated, 2, ((1, 1), (1, 1)))
+    dx, dw = jax.jit(jax.grad(f, (0, 1)))(xb, kb)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    dx_ref, dw_ref = jax.grad(_loss(lax.conv_general_dilated, 2, ((1, 1), (1, 1))), (0, 1))(
+        xb.astype(jnp.float32), kb.astype(jnp.float32))
+    _close(dx, dx_ref, rtol=5e-2)
+    _close(dw, dw_ref, rtol=5e-2)
