@@ -90,8 +90,9 @@ def bench_op(name: str, batch: int, size: int, cin: int, cout: int, k: int, s: i
         t = timed({"xla": ref[part], "ours": ours[part]}, args, reps)
         err = _rel_err(ref[part](*args), ours[part](*args))
         xla, own = min(t["xla"]), min(t["ours"])
-        print(f"{name:18s} {size:4d}px {part:3s}  xla {xla:8.1f} ms (med {np.median(t['xla']):8.1f})"
-              f"  ours {own:8.1f} ms (med {np.median(t['ours']):8.1f})  x{xla / own:5.2f}"
+        print(f"{name:18s} {size:4d}px {part:3s}  xla {xla:8.1f} ms "
+              f"(med {np.median(t['xla']):8.1f})  ours {own:8.1f} ms "
+              f"(med {np.median(t['ours']):8.1f})  x{xla / own:5.2f}"
               f"  rel.err {err:.1e}", flush=True)
 
 
@@ -121,8 +122,9 @@ def bench_train_step(batch: int, size: int, reps: int, model_cfg) -> None:
     gx, go = xla_step(*args)[0], own_step(*args)[0]
     err = max(_rel_err(a, b) for a, b in zip(jax.tree.leaves(gx), jax.tree.leaves(go)))
     xla, own = min(t["xla"]), min(t["ours"])
-    print(f"train step ({model_cfg.teacher1}, student2={model_cfg.student2}, batch {batch}, {size}px): xla {xla:.0f} ms "
-          f"(med {np.median(t['xla']):.0f})  ours {own:.0f} ms (med {np.median(t['ours']):.0f})"
+    print(f"train step ({model_cfg.teacher1}, student2={model_cfg.student2}, batch {batch}, "
+          f"{size}px): xla {xla:.0f} ms (med {np.median(t['xla']):.0f})  ours {own:.0f} ms "
+          f"(med {np.median(t['ours']):.0f})"
           f"  x{xla / own:.2f}  max rel.err of grads {err:.1e}", flush=True)
 
 

@@ -5,6 +5,7 @@ Also runs alone on saved checkpoints (``--config.mode=eval``), without retrainin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -75,17 +76,25 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, category: str,
                                                       int(config.data.image_size))
     teachers_dir = os.path.join(workdir, "teachers")
     if os.path.isdir(teachers_dir):
-        teacher_vars = checkpoints.load_variables(teachers_dir, random_teachers)
+        teacher_vars = checkpoints.load_variables(teachers_dir, sharding.replicate(random_teachers, mesh))
     else:
-        teacher_vars = checkpoints.teacher_variables(model, config.model, random_teachers)
+        teacher_vars = sharding.replicate(
+            checkpoints.teacher_variables(model, config.model, random_teachers), mesh)
     manager = checkpoints.checkpoint_manager(ckpt_dir, config.train.keep_checkpoints)
     latest = manager.latest_step()
     if latest is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint; train {category!r} first.")
     state, _ = checkpoints.restore(manager, latest, sharding.replicate(state, mesh))
     manager.close()
-    return (model, sharding.replicate(teacher_vars, mesh),
-            {"params": state.params, "batch_stats": state.batch_stats})
+    return model, teacher_vars, {"params": state.params, "batch_stats": state.batch_stats}
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_infer(model: RSTPM, fusion: str, sigma: float, mesh: jax.sharding.Mesh):
+    """The inference function jitted over ``mesh`` (memoised across categories)."""
+    repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    maps_cfg = ml_collections.ConfigDict({"fusion": fusion, "smoothing_sigma": sigma})
+    return jax.jit(make_infer_fn(model, maps_cfg), in_shardings=(repl, repl, batch), out_shardings=batch)
 
 
 def run_split(config: ml_collections.ConfigDict, root: str, category: str, split: str, infer,
@@ -135,9 +144,7 @@ def evaluate_category(config: ml_collections.ConfigDict, workdir: str, root: str
     from rstpm_jax import metrics, reports  # noqa: PLC0415
 
     t0 = time.time()
-    repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    infer = jax.jit(make_infer_fn(model, config.maps), in_shardings=(repl, repl, batch),
-                    out_shardings=batch)
+    infer = compiled_infer(model, str(config.maps.fusion), float(config.maps.smoothing_sigma), mesh)
     thresholds = compute_thresholds(config, root, category, infer, teacher_vars, student_vars, mesh)
     acc = metrics.MetricsAccumulator(max_fpr=float(config.eval.pro_max_fpr))
     examples: dict[str, list] = {}

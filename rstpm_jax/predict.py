@@ -50,10 +50,13 @@ _GLOB_CHARS = "*?["
 # ----------------------------------------------------------------------------- inputs
 
 def list_inputs(spec: str) -> list[str]:
-    """Files named by ``spec``: a file, a folder (its files, sorted) or a glob (recursive ``**``)."""
+    """Files named by ``spec``: a file, a folder (every file below it) or a glob (``**`` recursive)."""
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if not n.startswith(".")]
+        files = []
+        for folder, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".")]
     elif os.path.isfile(path):
         files = [path]
     elif any(c in path for c in _GLOB_CHARS):
@@ -75,8 +78,16 @@ def output_names(files: Sequence[str]) -> list[str]:
     seen: dict[str, int] = {}
     for s in stems:
         seen[s] = seen.get(s, 0) + 1
-    return [s + "_" + os.path.splitext(f)[1].lstrip(".").lower() if seen[s] > 1 else s
-            for s, f in zip(stems, files)]
+    names = [s + "_" + os.path.splitext(f)[1].lstrip(".").lower() if seen[s] > 1 else s
+             for s, f in zip(stems, files)]
+    used: set[str] = set()
+    for i, name in enumerate(names):  # any remaining clash (e.g. x.png beside x_png.png) gets a number
+        k, unique = 1, name
+        while unique in used:
+            k, unique = k + 1, f"{name}_{k}"
+        used.add(unique)
+        names[i] = unique
+    return names
 
 
 def preprocess(rgb: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:

@@ -80,9 +80,12 @@ def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feat
     return state, metrics
 
 
+@functools.lru_cache(maxsize=8)
 def compile_train_step(model: RSTPM, loss_fn: losses.LossFn, mesh: jax.sharding.Mesh,
                        cached: bool) -> Callable:
-    """``train_step`` jitted over ``mesh`` (batch sharded, the rest replicated, state donated)."""
+    """``train_step`` jitted over ``mesh`` (batch sharded, the rest replicated, state donated).
+
+    Memoised, so every category of a run reuses one compiled step."""
     repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     step = functools.partial(train_step, model=model, loss_fn=loss_fn)
     if cached:
@@ -178,10 +181,10 @@ def train_category(config: ml_collections.ConfigDict, workdir: str, root: str, c
 
     state, random_teachers = create_train_state(jax.random.key(config.seed), config, model, size)
     teacher_vars = checkpoints.teacher_variables(model, config.model, random_teachers)
+    teacher_host, teacher_vars = teacher_vars, sharding.replicate(teacher_vars, mesh)
     teachers_dir = os.path.join(workdir, "teachers")
     if not os.path.isdir(teachers_dir):
         checkpoints.save_variables(teachers_dir, teacher_vars)
-    teacher_host, teacher_vars = teacher_vars, sharding.replicate(teacher_vars, mesh)
     state = sharding.replicate(state, mesh)
 
     manager = checkpoints.checkpoint_manager(os.path.join(cat_dir, "checkpoints"),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from rstpm_jax import losses
-from rstpm_jax.models import attention, rstpm, summary
+from rstpm_jax.models import attention, resnet, rstpm, summary
 from tests.conftest import MODEL_CONFIGS, REPO_ROOT, load_config
 
 LEVELS = ("layer1", "layer2", "layer3")
@@ -317,22 +317,31 @@ def test_student2_widths_follow_teacher2(runs):
     assert r50.svars["params"]["student2"]["conv_in"]["kernel"].shape == (3, 3, 2048, 512)
 
 
-def test_teachers_get_no_gradient_and_gates_pass_none_to_teacher_inputs(runs):
-    r = runs("rstpm_r18_r18")  # both students and gates; cheaper teachers than mvtec
-    model, x = r.model, r.x
-    zeros = jax.tree.map(jnp.zeros_like, r.teacher)
-
+def paper_objective(r: Run):
+    """The training loss as a function of (teacher params, student params, fed/target feature offsets)."""
     def objective(tparams, sparams, feed_delta, target_delta):
-        teacher = model.teacher_features({"params": tparams, "batch_stats": r.tvars["batch_stats"]}, x)
+        teacher = r.model.teacher_features({"params": tparams, "batch_stats": r.tvars["batch_stats"]}, r.x)
         feed = jax.tree.map(jnp.add, teacher, feed_delta)  # what the students (and gates) receive
         target = jax.tree.map(jnp.add, teacher, target_delta)  # what the loss compares with
-        student, _ = model.student_features({"params": sparams, "batch_stats": r.svars["batch_stats"]},
-                                            x, feed, train=True)
+        student, _ = r.model.student_features({"params": sparams, "batch_stats": r.svars["batch_stats"]},
+                                              r.x, feed, train=True)
         return losses.paper_loss(rstpm.feature_pairs(target, student))[0]
+    return objective
 
-    g_teacher, g_feed, g_target = jax.grad(objective, argnums=(0, 2, 3))(
+
+def test_teachers_get_exactly_zero_gradient(runs):
+    r = runs("stpm_attention")  # the Teachers module is shared by every config; this one is cheap
+    zeros = jax.tree.map(jnp.zeros_like, r.teacher)
+    g_teacher = jax.grad(paper_objective(r))(r.tvars["params"], r.svars["params"], zeros, zeros)
+    assert len(jax.tree.leaves(g_teacher)) > 0
+    assert all(not bool(jnp.any(g)) for g in jax.tree.leaves(g_teacher))
+
+
+def test_students_pass_no_gradient_into_teacher_features(runs):
+    r = runs("rstpm_r18_r18")  # both students, with gates
+    zeros = jax.tree.map(jnp.zeros_like, r.teacher)
+    g_feed, g_target = jax.grad(paper_objective(r), argnums=(2, 3))(
         r.tvars["params"], r.svars["params"], zeros, zeros)
-    assert all(not bool(jnp.any(g)) for g in jax.tree.leaves(g_teacher))  # exactly zero
     assert all(not bool(jnp.any(g)) for g in jax.tree.leaves(g_feed))
     # Control: the same loss does depend on the teacher features, as targets.
     for tname, lvl in (("teacher1", "layer1"), ("teacher1", "layer3"), ("teacher2", "layer2")):
@@ -344,30 +353,35 @@ def test_teachers_get_no_gradient_and_gates_pass_none_to_teacher_inputs(runs):
                                        ("teacher1", "layer4", "student2", "layer3")):
         feed = {k: dict(v) for k, v in r.teacher.items()}
         feed[tname][lvl] = feed[tname][lvl] * 1.5 + 0.3
-        out, _ = r.students_fn(r.svars, x, feed)
+        out, _ = r.students_fn(r.svars, r.x, feed)
         assert not np.allclose(out[sname][out_lvl], r.train_out[sname][out_lvl]), (tname, lvl)
 
 
 def test_batchnorm_modes(runs):
     r = runs("stpm_attention")
     model, x = r.model, r.x
-    # train=False: running statistics are used and left alone; each image is processed alone.
-    eval_out, state = model.students.apply(r.svars, x, r.teacher, False, mutable=["batch_stats"])
-    for a, b in zip(jax.tree.leaves(r.svars["batch_stats"]), jax.tree.leaves(state["batch_stats"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    first = jax.tree.map(lambda f: f[:1], r.teacher)
-    single, _ = model.student_features(r.svars, x[:1], first, train=False)
-    np.testing.assert_allclose(single["student1"]["layer3"], eval_out["student1"]["layer3"][:1],
-                               rtol=1e-4, atol=1e-5)
-    # Teachers are always in inference mode.
-    np.testing.assert_allclose(model.teacher_features(r.tvars, x[:1])["teacher1"]["layer3"],
-                               r.teacher["teacher1"]["layer3"][:1], rtol=1e-4, atol=1e-5)
+    # A batch whose first image is the same and whose second is not (same shapes: no recompiles).
+    x2 = x.at[1].set(jnp.asarray(np.random.default_rng(6).normal(size=x.shape[1:]) * 2.0, x.dtype))
+    t2 = model.teacher_features(r.tvars, x2)
+    # Teachers are always in inference mode: an image's features do not depend on the batch,
+    # and their running statistics never move.
+    np.testing.assert_allclose(t2["teacher1"]["layer3"][0], r.teacher["teacher1"]["layer3"][0],
+                               rtol=1e-5, atol=1e-5)
     _, tstate = model.teachers.apply(r.tvars, x, mutable=["batch_stats"])
     for a, b in zip(jax.tree.leaves(r.tvars["batch_stats"]), jax.tree.leaves(tstate["batch_stats"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # train=True: batch statistics are used (so the batch matters) and the running ones move.
-    single_train, upd = model.student_features(r.svars, x[:1], first, train=True)
-    assert not np.allclose(single_train["student1"]["layer3"], r.train_out["student1"]["layer3"][:1],
+    # Students, train=False: running statistics are used and left alone.
+    eval1, state = model.students.apply(r.svars, x, r.teacher, False, mutable=["batch_stats"])
+    for a, b in zip(jax.tree.leaves(r.svars["batch_stats"]), jax.tree.leaves(state["batch_stats"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    eval2, _ = model.student_features(r.svars, x2, t2, train=False)
+    np.testing.assert_allclose(eval2["student1"]["layer3"][0], eval1["student1"]["layer3"][0],
+                               rtol=1e-5, atol=1e-5)
+    # train=True: batch statistics are used (so the rest of the batch matters) and the running
+    # ones move.
+    train2, upd = model.student_features(r.svars, x2, t2, train=True)
+    assert set(upd) == {"batch_stats"}
+    assert not np.allclose(train2["student1"]["layer3"][0], r.train_out["student1"]["layer3"][0],
                            atol=1e-3)
     # Momentum 0.9 (torch's 0.1) on the stem's BatchNorm: new = 0.9 old + 0.1 batch statistic.
     y = jax.lax.conv_general_dilated(x, r.svars["params"]["student1"]["conv1"]["kernel"], (2, 2),
@@ -379,48 +393,47 @@ def test_batchnorm_modes(runs):
     # (Flax keeps the biased batch variance; torch's running_var uses the unbiased one.)
     np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * jnp.var(y, axis=(0, 1, 2)),
                                rtol=1e-4, atol=1e-5)
-    assert set(upd) == {"batch_stats"}
 
 
 # --- the gate on its own, and the real initialiser ------------------------------------------
 
-@pytest.mark.parametrize("mode", attention.MODES)
-def test_attention_gate_rule_and_stop_gradient(mode):
+def test_attention_gate_rule_and_stop_gradient():
     rng = np.random.default_rng(5)
     teacher = jnp.asarray(rng.normal(size=(2, 8, 12, 16)), jnp.float32)
     student = jnp.asarray(rng.normal(size=(2, 8, 12, 8)), jnp.float32)
-    gate = attention.AttentionGate(mode)
-    variables = gate.init(jax.random.key(0), teacher, student, False)
+    gates_ = {mode: attention.AttentionGate(mode) for mode in attention.MODES}
+    variables = jax.jit(gates_["mul"].init, static_argnums=3)(jax.random.key(0), teacher, student, False)
     assert variables["params"]["conv"]["kernel"].shape == (3, 3, 16, 8)
     assert variables["params"]["proj"]["kernel"].shape == (1, 1, 8, 1)
-    out, inter = gate.apply(variables, teacher, student, False, mutable=["intermediates"])
-    (a,) = inter["intermediates"]["attention"]
-    assert a.shape == (2, 8, 12, 1) and bool(jnp.all((a > 0) & (a < 1)))
-    want = student * a if mode == "mul" else student + student * a
-    np.testing.assert_allclose(out, want, rtol=1e-6)
-    g = jax.grad(lambda t: jnp.sum(gate.apply(variables, t, student, False) ** 2))(teacher)
-    assert not bool(jnp.any(g))
-    g_params = jax.grad(lambda p: jnp.sum(gate.apply({**variables, "params": p}, teacher, student,
-                                                       False) ** 2))(variables["params"])
-    assert all(bool(jnp.any(leaf)) for leaf in jax.tree.leaves(g_params))  # the gate itself learns
-    assert not np.allclose(gate.apply(variables, teacher * 2.0 + 1.0, student, False), out)
+    for mode, gate in gates_.items():
+        out, inter = jax.jit(lambda v, t, g=gate: g.apply(v, t, student, False, mutable=["intermediates"]))(
+            variables, teacher)
+        (a,) = inter["intermediates"]["attention"]
+        assert a.shape == (2, 8, 12, 1) and bool(jnp.all((a > 0) & (a < 1)))
+        want = student * a if mode == "mul" else student + student * a
+        np.testing.assert_allclose(out, want, rtol=1e-6, err_msg=mode)
+
+    def energy(v, t):
+        return jnp.sum(gates_["mul"].apply(v, t, student, False) ** 2)
+
+    e0, (g_params, g_teacher) = jax.jit(jax.value_and_grad(energy, argnums=(0, 1)))(variables, teacher)
+    assert not bool(jnp.any(g_teacher))  # stop-gradient on the teacher input...
+    assert float(energy(variables, teacher * 2.0 + 1.0)) != pytest.approx(float(e0))  # ...which is read
+    assert all(bool(jnp.any(leaf)) for leaf in jax.tree.leaves(g_params["params"]))  # the gate learns
     with pytest.raises(ValueError, match="one size"):
-        gate.apply(variables, teacher[:, :4], student, False)
+        gates_["mul"].apply(variables, teacher[:, :4], student, False)
 
 
-def test_real_init_follows_torchvision_scheme():
-    model = rstpm.build_model(load_config("stpm_attention").model)
-    shape = (1, 32, 32, 3)
-    tvars, svars = model.init(jax.random.key(0), shape)
-    abstract = jax.eval_shape(functools.partial(model.init, image_shape=shape), jax.random.key(0))
-    assert jax.tree.structure((tvars, svars)) == jax.tree.structure(abstract)
-    assert set(svars) == {"params", "batch_stats"} and set(tvars) == {"params", "batch_stats"}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(svars):
+def test_initialisers_follow_torchvision():
+    """Kaiming-normal (fan_out, ReLU gain) convolutions; BatchNorm scale 1, bias 0, stats 0 / 1."""
+    block = resnet.BasicBlock(256)
+    variables = block.init(jax.random.key(0), jnp.zeros((1, 4, 4, 256)), False)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
         name = path[-1].key
-        if name == "scale" or name == "var":
+        if name in ("scale", "var"):
             np.testing.assert_array_equal(leaf, 1.0)
         elif name in ("bias", "mean"):
             np.testing.assert_array_equal(leaf, 0.0)
-    kernel = np.asarray(svars["params"]["student1"]["layer3_1"]["conv2"]["kernel"])  # 3x3, 256 -> 256
+    kernel = np.asarray(variables["params"]["conv2"]["kernel"])  # 3x3, 256 -> 256
     np.testing.assert_allclose(kernel.std(), math.sqrt(2.0 / (9 * 256)), rtol=0.02)
     assert abs(kernel.mean()) < 1e-3

@@ -1,6 +1,7 @@
 """Production inference: the predict CLI, its thresholds and outputs, and the jax.export artifact.
 
-One STPM model is trained once per session (synthetic fabric at its native 32x32, 2 epochs) by
+One STPM model is trained once per session (synthetic fabric at its native 64x64, 4 epochs,
+a quarter of train/good held out for the thresholds) by
 ``python -m rstpm_jax.main``; the CLIs run in subprocesses like a production line would.
 """
 
@@ -21,9 +22,11 @@ from PIL import Image
 from rstpm_jax import predict
 from tests import _train_helpers as h
 
+SIZE = 64  # the synthetic images' own size: no resize, so evaluation and predict see the same pixels
 TRAIN = ["--config.data.categories=fabric", "--config.model.random_teachers=True",
-         "--config.data.image_size=32", "--config.train.batch_size=8", "--config.train.epochs=2",
-         "--config.eval.batch_size=8", "--config.eval.figures=False"]
+         f"--config.data.image_size={SIZE}", "--config.train.batch_size=8", "--config.train.epochs=4",
+         "--config.data.holdout_fraction=0.25", "--config.eval.batch_size=8",
+         "--config.eval.figures=False"]
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +38,7 @@ def base(tmp_path_factory):
 def trained(base):
     from rstpm_jax.data import synthetic
     root = str(base / "data")
-    synthetic.generate(root, seed=0, image_size=32, categories=("fabric",))
+    synthetic.generate(root, seed=0, image_size=SIZE, categories=("fabric",))
     workdir = str(base / "work")
     h.run(h.main_cmd("stpm.py", workdir, f"--config.data.root={root}", *TRAIN),
           h.env(str(base / "jax_cache")))
@@ -43,7 +46,7 @@ def trained(base):
 
 
 def _predict_cli(base, workdir: str, inputs: str, out: str, *flags: str) -> tuple[dict, list[str]]:
-    """``python -X importtime -m rstpm_jax.predict ...``; returns predictions.json and every module imported."""
+    """``python -X importtime -m rstpm_jax.predict ...`` -> (predictions.json, modules imported)."""
     cmd = [sys.executable, "-X", "importtime", "-m", "rstpm_jax.predict", "--workdir", workdir,
            "--category", "fabric", "--input", inputs, "--output", out, "--no_progress", *flags]
     proc = subprocess.run(cmd, cwd=h.REPO, env=h.env(str(base / "jax_cache")), capture_output=True,
@@ -87,7 +90,7 @@ def test_predict_reproduces_evaluation_scores_without_tensorflow(trained, predic
     for r in rows:
         np.testing.assert_allclose(r["score"], reference[r["file"]][1], rtol=1e-5, err_msg=r["file"])
         amap = np.load(os.path.join(out, r["map"]))
-        assert amap.shape == (32, 32) and amap.dtype == np.float32
+        assert amap.shape == (SIZE, SIZE) and amap.dtype == np.float32
         np.testing.assert_allclose(amap.max(), r["score"], rtol=1e-6)  # score = max of the map
     with open(os.path.join(out, "predictions.csv")) as f:
         table = list(csv.DictReader(f))
@@ -130,7 +133,7 @@ def mixed(base, trained, predicted):
     shutil.copy(src[0], folder / "copy.png")
     rgb = Image.open(src[4]).convert("RGB")
     rgb.convert("L").resize((40, 24), Image.BILINEAR).save(folder / "gray_40x24.png")
-    rgb.resize((64, 48), Image.BILINEAR).save(folder / "big.jpg", quality=95)
+    rgb.resize((96, 48), Image.BILINEAR).save(folder / "wide.jpg", quality=95)
     data = open(src[8], "rb").read()
     (folder / "corrupt.png").write_bytes(data[: len(data) // 2])
     (folder / "notes.txt").write_text("not an image\n")
@@ -148,7 +151,7 @@ def test_corrupt_and_non_image_files_are_named_and_the_rest_processed(mixed):
     assert sorted(skipped) == ["corrupt.png", "notes.txt"], skipped
     assert all("corrupt.png" in e or "notes.txt" in e for e in skipped.values())
     sizes = {os.path.basename(r["file"]): (r["width"], r["height"]) for r in summary["predictions"]}
-    assert sizes == {"big.jpg": (64, 48), "copy.png": (32, 32), "gray_40x24.png": (40, 24)}
+    assert sizes == {"wide.jpg": (96, 48), "copy.png": (SIZE, SIZE), "gray_40x24.png": (40, 24)}
     for r in summary["predictions"]:
         for key in ("map", "overlay", "mask"):
             with Image.open(os.path.join(out, r[key])) as im:
@@ -191,6 +194,18 @@ def test_map_resize_is_bilinear():
     ref = np.asarray(jax.image.resize(amap, (48, 80), method="bilinear", antialias=False))
     np.testing.assert_allclose(up, ref, atol=1e-5)
     np.testing.assert_array_equal(predict.resize_map(amap, (32, 32)), amap)
+
+
+def test_inputs_and_output_names(tmp_path):
+    for rel in ("a/x.png", "a/x.jpg", "b/x.png", "b/c/y.bmp", ".hidden/z.png", "a/.w.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = predict.list_inputs(str(tmp_path))  # a folder: every file below it, hidden ones left out
+    assert [os.path.relpath(f, tmp_path) for f in found] == ["a/x.jpg", "a/x.png", "b/x.png", "b/c/y.bmp"]
+    assert predict.output_names(found) == ["a__x_jpg", "a__x_png", "b__x", "b__c__y"]
+    assert predict.list_inputs(str(tmp_path / "**" / "*.png")) == [str(tmp_path / "a" / "x.png"),
+                                                                   str(tmp_path / "b" / "x.png")]
+    assert predict.list_inputs(str(tmp_path / "b" / "x.png")) == [str(tmp_path / "b" / "x.png")]
 
 
 def test_clear_errors(trained, tmp_path, capsys):
@@ -238,7 +253,7 @@ def test_exported_artifact_in_a_fresh_process_matches_the_model(base, trained, p
     h.run([sys.executable, "-m", "rstpm_jax.export", "--workdir", workdir, "--category", "fabric",
            "--output", artifact], h.env(str(base / "jax_cache")))
     rows = summary["predictions"]
-    images = np.stack([predict.preprocess(np.asarray(Image.open(r["file"]).convert("RGB")), (32, 32))
+    images = np.stack([predict.preprocess(np.asarray(Image.open(r["file"]).convert("RGB")), (SIZE, SIZE))
                        for r in rows])
     np.save(base / "images.npy", images)
     result = json.loads(h.run([sys.executable, "-c", FRESH, artifact, str(base / "images.npy"),
@@ -248,12 +263,12 @@ def test_exported_artifact_in_a_fresh_process_matches_the_model(base, trained, p
     got = np.load(base / "exported.npz")
     maps = np.stack([np.load(os.path.join(out, r["map"])) for r in rows])  # the in-process model
     scores = np.array([r["score"] for r in rows])
-    assert got["map"].shape == (16, 32, 32) and got["map3"].shape == (3, 32, 32)
+    assert got["map"].shape == (16, SIZE, SIZE) and got["map3"].shape == (3, SIZE, SIZE)
     np.testing.assert_allclose(got["map"], maps, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got["map3"], maps[:3], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got["score"], scores, rtol=1e-5)
     meta = result["meta"]
-    assert meta["image_size"] == [32, 32] and meta["input"]["shape"] == ["b", 32, 32, 3]
+    assert meta["image_size"] == [SIZE, SIZE] and meta["input"]["shape"] == ["b", SIZE, SIZE, 3]
     assert meta["thresholds"]["image_threshold"] == summary["thresholds"]["image_threshold"]
     assert meta["normalization"]["scale"] == summary["normalization"]["scale"]
     np.testing.assert_allclose(meta["mean"], [0.485, 0.456, 0.406], rtol=1e-6)

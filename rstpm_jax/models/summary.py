@@ -36,8 +36,8 @@ def _model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def _abstract_variables(config: ml_collections.ConfigDict) -> tuple[rstpm.RSTPM, dict, dict]:
     cfg = _model_section(config)
     model = rstpm.build_model(cfg)
-    size = int(config.data.image_size) if "data" in config else 256
-    init = functools.partial(model.init, image_shape=(1, size, size, 3))
+    # Parameter shapes do not depend on the image size; any multiple of 32 will do.
+    init = functools.partial(model.init, image_shape=(1, 64, 64, 3))
     tvars, svars = jax.eval_shape(init, jax.random.key(0))
     return model, tvars, svars
 
@@ -55,6 +55,10 @@ def count_parameters(config: ml_collections.ConfigDict) -> dict[str, int]:
     Absent parts count 0; teachers are counted as built (possibly truncated to ``layer3``).
     """
     _, tvars, svars = _abstract_variables(config)
+    return _counts(tvars, svars)
+
+
+def _counts(tvars: Mapping[str, Any], svars: Mapping[str, Any]) -> dict[str, int]:
     tparams, sparams = tvars["params"], svars["params"]
     counts = {name: _size(tparams.get(name, {})) for name in ("teacher1", "teacher2")}
     counts["attention"] = 0
@@ -79,7 +83,7 @@ def parameter_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """``count_parameters`` plus batch-stat sizes and each teacher's depth and full count."""
     cfg = _model_section(config)
     model, tvars, svars = _abstract_variables(config)
-    report: dict[str, Any] = {"counts": count_parameters(config)}
+    report: dict[str, Any] = {"counts": _counts(tvars, svars)}
     teachers = {}
     for name, arch, depth in (("teacher1", model.teachers.teacher1, model.teachers.teacher1_depth),
                               ("teacher2", model.teachers.teacher2, 3)):

@@ -1,0 +1,256 @@
+"""One-shot accelerator check (~8 minutes on one GPU): throughput, and GPU vs CPU numerics.
+
+  python benchmarks/gpu_check.py                     # STPM + RSTPM, 256x256, batch 32, f32 + bf16
+  python benchmarks/gpu_check.py --image_size=64 --batch_size=4 --steps=2   # smoke run (CPU too)
+
+Parts, in this order, each in its own try/except and each skipped once ``--budget_s`` has
+passed (the JSON is rewritten after every part, so a killed run keeps what it finished):
+1. ``benchmarks/throughput.py``'s record for each config in ``--configs`` and dtype in
+   ``--dtypes`` (float32 first for every config, then bfloat16);
+2. parity: the same weights and inputs through one train step (the whole step: teachers,
+   students, loss, SGD update) and through inference, on ``jax.devices()[0]`` and on
+   ``jax.devices("cpu")[0]`` (with the CPU weight-gradient op, as CPU training runs), float32;
+   the accelerator side once per ``--precisions`` entry (``default``: XLA's choice, TF32 on
+   recent NVIDIA GPUs; ``highest``: full float32). Reported: loss, new parameters, the
+   parameter update (new - old), BatchNorm statistics, the final map, the per-level maps and
+   the image score, each as max |accelerator - cpu| / max |cpu|;
+3. the tf.data input pipeline's images/s; 4. the PyTorch STFPM reference (``--torch``).
+Writes ``$OUT/gpu_check.json`` if ``$OUT`` is set, else ``./gpu_check.json`` (or ``--out``).
+Without an accelerator it still runs (CPU against CPU), which is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # throughput.py
+import throughput  # noqa: E402  (puts the repository root on sys.path too)
+
+import importlib  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rstpm_jax import inference, losses, train  # noqa: E402
+from rstpm_jax.models.rstpm import build_model  # noqa: E402
+
+# Dense peak TFLOP/s by dtype (NVIDIA data sheets; float32 as TF32, XLA's default precision).
+KNOWN_PEAKS = {"H200": {"float32": 494.7, "bfloat16": 989.4},
+               "H100": {"float32": 494.7, "bfloat16": 989.4},
+               "A100": {"float32": 156.0, "bfloat16": 312.0}}
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    """``configs/<name>.py``'s config (``stpm``, ``mvtec`` = full RSTPM, ...)."""
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as e:
+        raise ValueError(f"--configs: no configs/{name}.py ({e}).") from e
+    return module.get_config()
+
+
+def default_peaks(device_kind: str) -> dict[str, float]:
+    for key, peaks in KNOWN_PEAKS.items():
+        if key.lower() in device_kind.lower():
+            return peaks
+    return {}
+
+
+# ----------------------------------------------------------------------------- parity
+
+def _max_rel(a: Any, b: Any) -> float:
+    """max over leaves of max|a - b| / max|b| (float64 on the host)."""
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = max(float(np.max(np.abs(y))), 1e-30) if y.size else 1.0
+        worst = max(worst, float(np.max(np.abs(x - y))) / scale if y.size else 0.0)
+    return worst
+
+
+def parity(config: ml_collections.ConfigDict, image_size: int, batch_size: int,
+           precisions: list[str], seed: int = 0) -> dict[str, Any]:
+    """One train step and inference on the default device and on the CPU; relative differences."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.dtype = "float32"
+    accel, cpu = jax.devices()[0], jax.devices("cpu")[0]
+    loss_fn = losses.get_loss(config.loss.name)
+    try:
+        from rstpm_jax.ops import conv  # noqa: PLC0415
+        cpu_conv: Callable | None = conv.conv_general_dilated
+    except ImportError:
+        cpu_conv = None
+    model_cpu = build_model(config.model, conv_fn=cpu_conv)
+    model_acc = model_cpu if accel.platform == "cpu" else train.create_model(config)
+    with jax.default_device(cpu):
+        state, teacher_vars = jax.jit(lambda k: train.create_train_state(k, config, model_cpu, image_size))(
+            jax.random.key(seed))
+    state, teacher_vars = jax.device_get((state, teacher_vars))
+    images = np.random.default_rng(seed).standard_normal((batch_size, image_size, image_size, 3),
+                                                         dtype=np.float32)
+    student_vars = {"params": state.params, "batch_stats": state.batch_stats}
+    fns: dict[int, tuple[Callable, Callable]] = {}
+
+    def run(model, device) -> dict[str, Any]:
+        if id(model) not in fns:
+            fns[id(model)] = (jax.jit(functools.partial(train.train_step, model=model, loss_fn=loss_fn)),
+                              jax.jit(inference.make_infer_fn(model, config.maps, with_levels=True)))
+        step, infer = fns[id(model)]
+        put = functools.partial(jax.device_put, device=device)
+        new_state, metrics = step(put(state), put(teacher_vars), put(images))
+        out = infer(put(teacher_vars), put(student_vars), put(images))
+        return jax.device_get({"loss": metrics["loss"], "params": new_state.params,
+                               "batch_stats": new_state.batch_stats, "out": out})
+
+    t = time.perf_counter()
+    ref = run(model_cpu, cpu)
+    result: dict[str, Any] = {"model": str(config.name), "image_size": image_size, "batch_size": batch_size,
+                              "accelerator": f"{accel.platform}:{accel.device_kind}",
+                              "cpu_conv": "rstpm_jax.ops.conv" if cpu_conv else "xla",
+                              "cpu_loss": float(ref["loss"]), "cpu_s": time.perf_counter() - t}
+    update_ref = jax.tree.map(lambda n, o: n - o, ref["params"], state.params)
+    for precision in precisions:
+        t = time.perf_counter()
+        if precision == "default":
+            got = run(model_acc, accel)
+        else:
+            with jax.default_matmul_precision(precision):
+                got = run(model_acc, accel)
+        update = jax.tree.map(lambda n, o: n - o, got["params"], state.params)
+        result[precision] = {
+            "loss": float(got["loss"]),
+            "loss_rel_diff": abs(float(got["loss"]) - float(ref["loss"])) / max(abs(float(ref["loss"])), 1e-30),
+            "params_max_rel_diff": _max_rel(got["params"], ref["params"]),
+            "update_max_rel_diff": _max_rel(update, update_ref),
+            "batch_stats_max_rel_diff": _max_rel(got["batch_stats"], ref["batch_stats"]),
+            "map_max_rel_diff": _max_rel(got["out"]["map"], ref["out"]["map"]),
+            "levels_max_rel_diff": _max_rel(got["out"]["levels"], ref["out"]["levels"]),
+            "score_max_rel_diff": _max_rel(got["out"]["score"], ref["out"]["score"]),
+            "seconds": time.perf_counter() - t,
+        }
+        r = result[precision]
+        log(f"  parity {config.name} [{precision}]: loss {r['loss_rel_diff']:.2e}, update "
+            f"{r['update_max_rel_diff']:.2e}, params {r['params_max_rel_diff']:.2e}, map "
+            f"{r['map_max_rel_diff']:.2e}, levels {r['levels_max_rel_diff']:.2e}")
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags  # noqa: PLC0415
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    start = time.perf_counter()
+    out_path = f.out or os.path.join(os.environ.get("OUT") or ".", "gpu_check.json")
+    report: dict[str, Any] = {"throughput": [], "parity": [], "errors": [], "skipped": []}
+
+    def save() -> None:
+        report["elapsed_s"] = time.perf_counter() - start
+        throughput.write_json(out_path, report)  # atomic rewrite
+
+    def part(name: str, fn: Callable[[], Any]) -> Any:
+        elapsed = time.perf_counter() - start
+        if elapsed > f.budget_s:
+            log(f"skip {name}: {elapsed:.0f} s > --budget_s={f.budget_s}")
+            report["skipped"].append(name)
+            save()
+            return None
+        log(f"start {name} (at {elapsed:.0f} s)")
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - every part is independent; report and go on
+            log(f"FAILED {name}: {type(e).__name__}: {e}")
+            report["errors"].append({"part": name, "error": f"{type(e).__name__}: {e}",
+                                     "traceback": traceback.format_exc()[-4000:]})
+            value = None
+        save()
+        return value
+
+    def env() -> dict[str, Any]:
+        dev = jax.devices()[0]
+        info = {"jax": jax.__version__, "backend": jax.default_backend(), "device_kind": dev.device_kind,
+                "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
+                "cpu_count": os.cpu_count(), "load_avg": throughput._load_avg()}
+        if dev.platform == "cpu":
+            info["note"] = "no accelerator: throughput is the CPU's and parity compares the CPU with itself"
+        log(json.dumps(info))
+        return info
+
+    report["env"] = part("env", env) or {}
+    kind = str(report["env"].get("device_kind", ""))
+    dtypes = [d.strip() for d in f.dtypes if d.strip()]
+    peaks = throughput.peaks_for(dtypes, f.peak_tflops) if f.peak_tflops else {
+        d: default_peaks(kind).get(d) for d in dtypes}
+    configs = [c.strip() for c in f.configs if c.strip()]
+
+    def measure(name: str, dtype: str) -> None:
+        rec = throughput.measure_model(load_config(name), image_size=f.image_size, batch_size=f.batch_size,
+                                       dtype=dtype, steps=f.steps, peak_tflops=peaks.get(dtype))
+        rec["config"] = name
+        report["throughput"].append(rec)
+        log(throughput.summary_line(rec))
+
+    def check(name: str) -> None:
+        report["parity"].append(parity(load_config(name), f.image_size, f.parity_batch_size,
+                                       [p.strip() for p in f.precisions if p.strip()]))
+
+    first, rest = dtypes[:1], dtypes[1:]
+    for name in configs:
+        for dtype in first:
+            part(f"throughput {name} {dtype}", functools.partial(measure, name, dtype))
+        part(f"parity {name}", functools.partial(check, name))
+    for dtype in rest:
+        for name in configs:
+            part(f"throughput {name} {dtype}", functools.partial(measure, name, dtype))
+    if f.pipeline:
+        pipe = part("input pipeline", lambda: throughput.measure_pipeline(f.image_size, f.batch_size,
+                                                                          f.pipeline_images))
+        report["pipeline"] = pipe
+    if f.torch:
+        device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        ref = part("torch", lambda: throughput.run_torch(f.image_size, f.batch_size, f.steps, device))
+        report["torch"] = ref
+        if ref:
+            for rec in report["throughput"]:
+                if rec.get("config") == "stpm":
+                    throughput.add_torch_ratio(rec, ref)
+                    log(f"JAX {rec['dtype']} / PyTorch {device}: train {rec['train_speedup_vs_torch']:.2f}x, "
+                        f"inference {rec['infer_speedup_vs_torch']:.2f}x")
+    save()
+    log(f"done in {time.perf_counter() - start:.0f} s: {len(report['throughput'])} throughput records, "
+        f"{len(report['parity'])} parity checks, {len(report['errors'])} errors, "
+        f"{len(report['skipped'])} skipped -> {out_path}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_list("configs", ["stpm", "mvtec"], "configs/<name>.py to run (mvtec = full RSTPM).")
+    flags.DEFINE_integer("image_size", 256, "Image side.")
+    flags.DEFINE_integer("batch_size", 32, "Global batch of the throughput runs.")
+    flags.DEFINE_integer("steps", 3, "Timed steps per throughput measurement.")
+    flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes of the throughput runs.")
+    flags.DEFINE_list("peak_tflops", [], "Peak TFLOP/s (one, or one per dtype); default: known GPUs.")
+    flags.DEFINE_integer("parity_batch_size", 4, "Batch of the GPU-vs-CPU comparison.")
+    flags.DEFINE_list("precisions", ["default", "highest"], "Accelerator matmul precisions to compare.")
+    flags.DEFINE_bool("pipeline", True, "Time the tf.data input pipeline.")
+    flags.DEFINE_integer("pipeline_images", 128, "Synthetic images for the pipeline timing.")
+    flags.DEFINE_bool("torch", True, "Run the PyTorch STFPM reference (skipped if torch is missing).")
+    flags.DEFINE_float("budget_s", 420.0, "Start no part after this many seconds.")
+    flags.DEFINE_string("out", "", "JSON path (default: $OUT/gpu_check.json or ./gpu_check.json).")
+    app.run(main)
