@@ -131,6 +131,7 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
         "steps": steps, "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "num_devices": n_dev, "conv": "rstpm_jax.ops.conv" if custom_conv else "xla",
         "jax_version": jax.__version__, "cpu_count": os.cpu_count(), "load_avg": _load_avg(),
+        "compilation_cache": bool(jax.config.jax_compilation_cache_dir),  # compile_s: cache loads
     }
     compile_s: dict[str, float] = {"init": init_s}
 

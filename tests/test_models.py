@@ -437,3 +437,16 @@ def test_initialisers_follow_torchvision():
     kernel = np.asarray(variables["params"]["conv2"]["kernel"])  # 3x3, 256 -> 256
     np.testing.assert_allclose(kernel.std(), math.sqrt(2.0 / (9 * 256)), rtol=0.02)
     assert abs(kernel.mean()) < 1e-3
+
+
+def test_attention_gate_starts_unsaturated():
+    """The sigmoid's logit conv uses torch's default (fan-in) init, so gates start near 0.5, not at 0/1."""
+    rng = np.random.default_rng(7)
+    teacher = jnp.asarray(rng.normal(size=(2, 8, 8, 256)), jnp.float32)
+    student = jnp.ones((2, 8, 8, 256), jnp.float32)
+    gate = attention.AttentionGate("mul")
+    variables = gate.init(jax.random.key(1), teacher, student, False)
+    _, inter = gate.apply(variables, teacher, student, False, mutable=["intermediates"])
+    (a,) = inter["intermediates"]["attention"]
+    inside = float(jnp.mean((a > 0.05) & (a < 0.95)))
+    assert inside > 0.9, inside

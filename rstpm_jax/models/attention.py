@@ -8,10 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rstpm_jax.models.resnet import batch_norm, conv_init, conv_layer
+from rstpm_jax.models.resnet import batch_norm, conv_layer
 
 Array = jax.Array
 MODES = ("mul", "residual")
+LOGIT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 class AttentionGate(nn.Module):
@@ -35,7 +36,9 @@ class AttentionGate(nn.Module):
         t = jax.lax.stop_gradient(teacher).astype(self.dtype)
         h = conv_layer(student.shape[-1], 3, dtype=self.dtype, conv_fn=self.conv_fn, name="conv")(t)
         h = nn.relu(batch_norm(train, self.dtype, name="bn")(h))
-        a = nn.Conv(1, (1, 1), kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
+        # The logit conv feeding the sigmoid keeps torch's default Conv2d init (fan-in,
+        # uniform): kaiming fan_out with fan_out=1 would start most gates saturated at 0 or 1.
+        a = nn.Conv(1, (1, 1), kernel_init=LOGIT_INIT, dtype=self.dtype, param_dtype=jnp.float32,
                     name="proj")(h)
         a = nn.sigmoid(a)
         self.sow("intermediates", "attention", a)
