@@ -22,6 +22,7 @@ Without an accelerator it still runs (CPU against CPU), which is how the tests c
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import platform
@@ -32,8 +33,6 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # throughput.py
 import throughput  # noqa: E402  (puts the repository root on sys.path too)
-
-import importlib  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402

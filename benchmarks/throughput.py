@@ -91,7 +91,19 @@ def peak_memory() -> tuple[int, str]:
         stats = None
     if stats and stats.get("peak_bytes_in_use"):
         return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+    return peak_rss_bytes(), "process peak RSS"
+
+
+def peak_rss_bytes() -> int:
+    """This process' peak resident set (``VmHWM``; ``ru_maxrss`` can carry a parent's peak over exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
 
 
 def _per_image(x: float | None, batch: int) -> float | None:

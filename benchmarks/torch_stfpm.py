@@ -125,6 +125,18 @@ def _flops(fn: Callable[[], Any]) -> float | None:
     return float(counter.get_total_flops())
 
 
+def peak_rss_bytes() -> int:
+    """This process' peak resident set (``VmHWM``; ``ru_maxrss`` can carry a parent's peak over exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
+
+
 def measure(image_size: int = 256, batch_size: int = 32, steps: int = 5, device: str = "auto",
             threads: int = 0, seed: int = 0) -> dict[str, Any]:
     """Train-step and inference images/s of the reference; a record like benchmarks/throughput.py's."""
@@ -147,7 +159,7 @@ def measure(image_size: int = 256, batch_size: int = 32, steps: int = 5, device:
     if dev.type == "cuda":
         peak, source = int(torch.cuda.max_memory_allocated(dev)), "torch.cuda.max_memory_allocated"
     else:
-        peak, source = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+        peak, source = peak_rss_bytes(), "process peak RSS"
     return {
         "model": "torch_stfpm", "framework": "pytorch", "torch_version": torch.__version__,
         "dtype": "float32", "image_size": image_size, "batch_size": batch_size, "steps": steps,

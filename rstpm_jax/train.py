@@ -76,7 +76,9 @@ def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feat
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics["finite"] = jnp.isfinite(loss).astype(jnp.float32)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    # A finite loss with a non-finite gradient still poisons the parameters: check both.
+    metrics["finite"] = (jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])).astype(jnp.float32)
     return state, metrics
 
 
@@ -282,7 +284,7 @@ def _check_finite(values: dict[str, float], category: str, epoch: int, step: int
         last = manager.latest_step()
         kept = f"the last good checkpoint (epoch {last}) is kept" if last else "no checkpoint was saved yet"
         raise FloatingPointError(
-            f"{category}: the training loss became NaN/inf at epoch {epoch + 1}, step {step}; {kept} "
+            f"{category}: the training loss or gradient became NaN/inf at epoch {epoch + 1}, step {step}; {kept} "
             f"in {manager.directory}. Lower config.train.learning_rate or check the input data.")
 
 

@@ -37,9 +37,9 @@ def dataset(tmp_path_factory):
 STEP_EQUIVALENCE = r"""
 import jax, numpy as np
 from jax.sharding import Mesh
-from configs import demo
+from configs import rstpm_r18_r18
 from rstpm_jax import losses, sharding, train
-cfg = demo.get_config()
+cfg = rstpm_r18_r18.get_config()  # both students, attention; the smaller teacher 2 compiles faster
 cfg.data.image_size = 32
 model = train.create_model(cfg)
 state0, teachers0 = train.create_train_state(jax.random.key(0), cfg, model, 32)
@@ -120,6 +120,16 @@ def test_resume_after_kill_matches_uninterrupted(dataset, jax_cache, tmp_path):
     import jax
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+    # A diverging continuation (epoch 4 at an absurd learning rate) stops with a clear error
+    # and leaves the last good checkpoint (epoch 3) as the latest.
+    proc = subprocess.run(h.main_cmd("stpm.py", full, *args, "--config.model.random_teachers=True",
+                                     "--config.train.epochs=4", "--config.train.learning_rate=1e30"),
+                          cwd=h.REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "NaN/inf" in proc.stderr, proc.stderr[-3000:]
+    assert "epoch 3" in proc.stderr
+    e3, p3 = _final_params(full, cat)
+    assert e3 == 3 and all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(p3))
 
     # The loss falls over training (synthetic data), and results were written.
     lines = [json.loads(x) for x in open(os.path.join(full, cat, "metrics.jsonl"))]
