@@ -36,8 +36,15 @@ class TrainState(train_state.TrainState):
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """SGD with momentum and torch-style (coupled) weight decay, constant learning rate."""
-    return optax.chain(optax.add_decayed_weights(float(train_cfg.weight_decay)),
-                       optax.sgd(float(train_cfg.learning_rate), momentum=float(train_cfg.momentum)))
+    return _sgd(float(train_cfg.learning_rate), float(train_cfg.momentum), float(train_cfg.weight_decay))
+
+
+@functools.lru_cache(maxsize=8)
+def _sgd(learning_rate: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    # One object per setting: the optimizer is part of the train state's tree structure, so a
+    # new one per category would retrace and recompile the train step.
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum))
 
 
 def conv_fn_for_platform() -> Callable | None:
@@ -57,7 +64,9 @@ def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: RST
                        image_size: int) -> tuple[TrainState, dict]:
     """Fresh students' train state and randomly initialised teacher variables."""
     teacher_vars, student_vars = model.init(rng, (1, image_size, image_size, 3))
-    state = TrainState.create(apply_fn=model.students.apply, params=student_vars["params"],
+    # apply_fn stays None: it is part of the tree structure, and a bound method of a new model
+    # object per category would retrace the train step.
+    state = TrainState.create(apply_fn=None, params=student_vars["params"],
                               batch_stats=student_vars["batch_stats"], tx=make_optimizer(config.train))
     return state, teacher_vars
 
@@ -106,12 +115,17 @@ def teacher_feature_bytes(model: RSTPM, teacher_vars: Any, image_size: int) -> i
     return int(sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes)))
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_teachers(model: RSTPM) -> Callable:
+    return jax.jit(model.teacher_features)
+
+
 class TeacherCache:
     """Teacher features of the training images, looked up by image index."""
 
     def __init__(self, model: RSTPM, teacher_vars: Any, images: np.ndarray, indices: np.ndarray,
                  batch_size: int):
-        fn = jax.jit(model.teacher_features)
+        fn = _jitted_teachers(model)
         chunks = [jax.device_get(fn(teacher_vars, images[i:i + batch_size]))
                   for i in range(0, len(images), batch_size)]
         self.features = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
