@@ -131,6 +131,13 @@ def test_resume_after_kill_matches_uninterrupted(dataset, jax_cache, tmp_path):
     e3, p3 = _final_params(full, cat)
     assert e3 == 3 and all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(p3))
 
+    # Evaluation alone on the saved checkpoint (no training) reproduces the metrics.
+    before = json.load(open(os.path.join(full, cat, "results.json")))
+    h.run(h.main_cmd("stpm.py", full, *args, "--config.model.random_teachers=True", "--config.mode=eval"), env)
+    after = json.load(open(os.path.join(full, cat, "results.json")))
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert after[key] == pytest.approx(before[key], abs=1e-6)
+
     # The loss falls over training (synthetic data), and results were written.
     lines = [json.loads(x) for x in open(os.path.join(full, cat, "metrics.jsonl"))]
     assert lines[-1]["loss"] < 0.8 * lines[0]["loss"], (lines[0]["loss"], lines[-1]["loss"])
@@ -199,3 +206,19 @@ def test_bad_config_errors(dataset, jax_cache, tmp_path):
                                      "--config.model.teacher1_weights=/nonexistent/r18.msgpack", *SMALL),
                           cwd=h.REPO, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "convert_torchvision" in proc.stderr
+
+
+def test_ablation_sweep_writes_one_table(dataset, jax_cache, tmp_path):
+    """rstpm_jax.sweep runs several ablation configs and writes the comparison table."""
+    cat = _category(dataset)
+    work = tmp_path / "sweep"
+    h.run([h.sys.executable, "-m", "rstpm_jax.sweep", f"--config={h.REPO}/configs/mvtec.py",
+           f"--workdir={work}", "--models=stpm,stpm_attention", f"--config.data.root={dataset}",
+           f"--config.data.categories={cat}", "--config.train.epochs=1",
+           "--config.model.random_teachers=True", *SMALL], h.env(jax_cache))
+    table = (work / "ablation.md").read_text()
+    assert "stpm" in table and "stpm_attention" in table and cat in table
+    assert (work / "ablation.csv").is_file()
+    for model in ("stpm", "stpm_attention"):
+        res = json.load(open(work / model / cat / "results.json"))
+        assert res["model"] == model and res["config"]["name"] == model
