@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from rstpm_jax import inference, losses, sharding, train  # noqa: E402
 from rstpm_jax.models.rstpm import build_model  # noqa: E402
+from bench_memory import peak_rss_bytes  # noqa: E402  (benchmarks/ is the script's folder)
 
 REQUIRED_KEYS = ("model", "dtype", "image_size", "batch_size", "train_images_per_s",
                  "infer_images_per_s", "flops_per_image", "peak_memory_bytes")
@@ -92,18 +92,6 @@ def peak_memory() -> tuple[int, str]:
     if stats and stats.get("peak_bytes_in_use"):
         return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
     return peak_rss_bytes(), "process peak RSS"
-
-
-def peak_rss_bytes() -> int:
-    """This process' peak resident set (``VmHWM``; ``ru_maxrss`` can carry a parent's peak over exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
 
 
 def _per_image(x: float | None, batch: int) -> float | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -25,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 import torchvision
+from bench_memory import peak_rss_bytes  # benchmarks/ is the script's folder
 
 LEVELS = ("layer1", "layer2", "layer3")
 
@@ -123,18 +123,6 @@ def _flops(fn: Callable[[], Any]) -> float | None:
     with counter:
         fn()
     return float(counter.get_total_flops())
-
-
-def peak_rss_bytes() -> int:
-    """This process' peak resident set (``VmHWM``; ``ru_maxrss`` can carry a parent's peak over exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
 
 
 def measure(image_size: int = 256, batch_size: int = 32, steps: int = 5, device: str = "auto",
