@@ -78,6 +78,7 @@ def batch_norm(train: bool, dtype: Any = jnp.float32, name: str | None = None) -
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
+        use_fast_variance=False,  # two-pass variance, as torch: no E[x^2]-E[x]^2 cancellation
         dtype=dtype,
         param_dtype=jnp.float32,
         name=name,
