@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 256
   config.data.generate_synthetic = False  # write the synthetic demo dataset to root if absent
   config.data.holdout_fraction = 0.1  # of train/good, held out to set thresholds
-  config.data.shuffle_buffer = 1024
+  # Training order: a full permutation per epoch drawn from (seed, epoch), so resume is exact.
 
   config.model = ml_collections.ConfigDict()
   config.model.teacher1 = "resnet18"
