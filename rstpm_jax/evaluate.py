@@ -148,13 +148,12 @@ def evaluate_category(config: ml_collections.ConfigDict, workdir: str, root: str
     thresholds = compute_thresholds(config, root, category, infer, teacher_vars, student_vars, mesh)
     acc = metrics.MetricsAccumulator(max_fpr=float(config.eval.pro_max_fpr))
     examples: dict[str, list] = {}
-    scores, n = [], 0
+    n = 0
     per_image: list[tuple[str, int, float]] = []  # (file, label, score) -> test_scores.csv
     from rstpm_jax.data import input_pipeline  # noqa: PLC0415
     items = input_pipeline.test_items(root, category)
     for inputs, out in run_split(config, root, category, "test", infer, teacher_vars, student_vars, mesh):
         n += len(inputs["label"])
-        scores.append(out["score"])
         if jax.process_index() == 0:
             acc.update(out["map"], inputs["mask"], inputs["label"], out["levels"])
             per_image.extend((items[int(i)].path, int(lbl), float(s))
