@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from rstpm_jax.data.input_pipeline import IMAGENET_MEAN, IMAGENET_STD
+from rstpm_jax.data import input_pipeline
 from rstpm_jax.data.mvtec import read_rgb
 
 MAP_FULL_SCALE = 16.0  # 16-bit maps saturate at this multiple of the pixel threshold
@@ -91,12 +91,8 @@ def output_names(files: Sequence[str]) -> list[str]:
 
 
 def preprocess(rgb: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """HxWx3 uint8 -> (h, w, 3) float32: PIL bilinear resize and ImageNet normalisation,
-    as ``input_pipeline.load_image_file`` does."""
-    h, w = image_size
-    if rgb.shape[:2] != (h, w):
-        rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-    return ((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    """HxWx3 uint8 -> (h, w, 3) float32, exactly as the input pipeline preprocesses."""
+    return input_pipeline.preprocess_rgb(rgb, image_size)
 
 
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:

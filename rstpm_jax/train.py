@@ -137,11 +137,11 @@ class TeacherCache:
         return jax.tree.map(lambda x: x[rows], self.features)
 
 
-def _use_cache(config: ml_collections.ConfigDict, per_image: int, n_local: int) -> bool:
+def _use_cache(config: ml_collections.ConfigDict, per_image: int, n_images: int) -> bool:
     mode = str(config.train.cache_teacher_features)
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"config.train.cache_teacher_features must be auto/on/off, got {mode!r}.")
-    need = per_image * n_local
+    need = per_image * n_images
     if mode == "auto" and need > config.train.cache_max_bytes:
         logging.info("Teacher-feature cache off: %.2f GB > train.cache_max_bytes %.2f GB.",
                      need / 2**30, config.train.cache_max_bytes / 2**30)

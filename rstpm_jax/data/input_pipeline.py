@@ -334,8 +334,12 @@ def load_images(root: str, category: str, split: str, *, image_size: int | Seque
 
 def load_image_file(path: str, image_size: int | Sequence[int]) -> np.ndarray:
     """One image file -> (H, W, 3) float32, preprocessed as the pipeline does (PIL, no TensorFlow)."""
+    return preprocess_rgb(mvtec.read_rgb(path), image_size)
+
+
+def preprocess_rgb(rgb: np.ndarray, image_size: int | Sequence[int]) -> np.ndarray:
+    """HxWx3 uint8 -> (h, w, 3) float32: PIL bilinear resize and ImageNet normalisation."""
     h, w = _hw(image_size)
-    rgb = mvtec.read_rgb(path)
     if rgb.shape[:2] != (h, w):
         rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
     return rgb.astype(np.float32) * _SCALE + _OFFSET

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -281,7 +281,3 @@ def truncate_variables(variables: dict[str, Any], depth: int) -> dict[str, Any]:
         col: {k: v for k, v in tree.items() if not any(k.startswith(d) for d in drop)}
         for col, tree in variables.items()
     }
-
-
-def level_names(depth: int) -> Sequence[str]:
-    return LEVELS[:depth]
