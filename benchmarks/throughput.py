@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from rstpm_jax import inference, losses, sharding, train  # noqa: E402
 from rstpm_jax.models.rstpm import build_model  # noqa: E402
+from rstpm_jax.ops import compile_options  # noqa: E402
 from bench_memory import peak_rss_bytes  # noqa: E402  (benchmarks/ is the script's folder)
 
 REQUIRED_KEYS = ("model", "dtype", "image_size", "batch_size", "train_images_per_s",
@@ -130,6 +131,7 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
         "model": str(config.name), "dtype": dtype, "image_size": image_size, "batch_size": batch_size,
         "steps": steps, "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "num_devices": n_dev, "conv": "rstpm_jax.ops.conv" if custom_conv else "xla",
+        "compiler_options": compile_options.compiler_options(),
         "jax_version": jax.__version__, "cpu_count": os.cpu_count(), "load_avg": _load_avg(),
         "compilation_cache": bool(jax.config.jax_compilation_cache_dir),  # compile_s: cache loads
     }
@@ -154,7 +156,7 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
         f"(compile {compile_s['train']:.1f} s)")
 
     # Teachers alone (what the cache is built with) and the step with cached features.
-    teach = jax.jit(model.teacher_features)
+    teach = compile_options.jit(model.teacher_features)
     teach_c, compile_s["teacher"] = compile_timed(teach, teacher_vars, images)
     t_teacher = time_calls(lambda: teach_c(teacher_vars, images), steps)
     rec["teacher_images_per_s"] = batch_size / t_teacher
@@ -176,7 +178,7 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
     # Inference (final map + score) at the batch size and at batch 1.
     state = holder["state"]
     student_vars = {"params": state.params, "batch_stats": state.batch_stats}
-    infer = jax.jit(inference.make_infer_fn(model, config.maps, with_levels=False))
+    infer = compile_options.jit(inference.make_infer_fn(model, config.maps, with_levels=False))
     infer_c, compile_s["infer"] = compile_timed(infer, teacher_vars, student_vars, images)
     t_infer = time_calls(lambda: infer_c(teacher_vars, student_vars, images), steps)
     rec["infer_images_per_s"] = batch_size / t_infer

@@ -19,6 +19,7 @@ from absl import logging
 from rstpm_jax import checkpoints, sharding
 from rstpm_jax.inference import make_infer_fn
 from rstpm_jax.models.rstpm import RSTPM
+from rstpm_jax.ops import compile_options
 
 NUM_FIGURE_EXAMPLES = 4  # per defect type
 
@@ -94,7 +95,8 @@ def compiled_infer(model: RSTPM, fusion: str, sigma: float, mesh: jax.sharding.M
     """The inference function jitted over ``mesh`` (memoised across categories)."""
     repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     maps_cfg = ml_collections.ConfigDict({"fusion": fusion, "smoothing_sigma": sigma})
-    return jax.jit(make_infer_fn(model, maps_cfg), in_shardings=(repl, repl, batch), out_shardings=batch)
+    return compile_options.jit(make_infer_fn(model, maps_cfg), in_shardings=(repl, repl, batch),
+                               out_shardings=batch)
 
 
 def run_split(config: ml_collections.ConfigDict, root: str, category: str, split: str, infer,

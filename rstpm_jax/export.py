@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from rstpm_jax.ops import compile_options
+
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 FORMAT = "rstpm-jax-export/1"
 
@@ -80,7 +82,7 @@ class ExportedModel:
 
     def __init__(self, exported: jax.export.Exported, meta: dict):
         self.exported, self.meta = exported, meta
-        self._call = jax.jit(exported.call)
+        self._call = compile_options.jit(exported.call)
 
     def __call__(self, images: Any) -> dict[str, np.ndarray]:
         return jax.tree.map(np.asarray, self._call(np.asarray(images, np.float32)))

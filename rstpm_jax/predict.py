@@ -168,6 +168,7 @@ class Predictor:
         import jax  # noqa: PLC0415
         from rstpm_jax import evaluate, sharding  # noqa: PLC0415
         from rstpm_jax.inference import make_infer_fn  # noqa: PLC0415
+        from rstpm_jax.ops import compile_options  # noqa: PLC0415
 
         workdir = os.path.abspath(os.path.expanduser(workdir))
         self.config = evaluate.load_config(workdir)
@@ -178,8 +179,8 @@ class Predictor:
         model, self.teacher_vars, self.student_vars = evaluate.load_trained(
             self.config, workdir, category, mesh)
         repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        self._fn = jax.jit(make_infer_fn(model, self.config.maps, with_levels=False),
-                           in_shardings=(repl, repl, batch), out_shardings=batch)
+        self._fn = compile_options.jit(make_infer_fn(model, self.config.maps, with_levels=False),
+                                       in_shardings=(repl, repl, batch), out_shardings=batch)
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, h, w, 3) normalised images, n <= batch_size -> maps (n, h, w), scores (n,)."""

@@ -120,6 +120,7 @@ def test_torch_reference_matches_jax_stpm(get_config):
     import torch_stfpm
     from pretrained_conversion import convert_torchvision as ct
     from rstpm_jax import inference, losses, train
+    from rstpm_jax.ops import compile_options  # the options inference runs with
 
     torch.manual_seed(0)
     ref = torch_stfpm.STFPM()
@@ -144,7 +145,7 @@ def test_torch_reference_matches_jax_stpm(get_config):
     x_nhwc = x.transpose(0, 2, 3, 1)
     # Inference first (both students still hold their initial running statistics).
     t_map, t_score = torch_stfpm.infer(ref, torch.from_numpy(x))
-    out = jax.jit(inference.make_infer_fn(model, config.maps, with_levels=False))(
+    out = compile_options.jit(inference.make_infer_fn(model, config.maps, with_levels=False))(
         teacher_vars, {"params": params, "batch_stats": stats}, x_nhwc)
     np.testing.assert_allclose(np.asarray(out["map"]), t_map.numpy(), rtol=2e-3, atol=1e-9)
     np.testing.assert_allclose(np.asarray(out["score"]), t_score.numpy(), rtol=2e-3)

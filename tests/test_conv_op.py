@@ -16,7 +16,8 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 # (height, width, c_in, c_out, kernel, stride, padding): ResNet18/50's convolutions at toy
 # sizes (7x7/2 stem, 3x3 and 3x3/2, 1x1 and 1x1/2), odd and non-square inputs, a 5x5/3,
-# and padding given as a string or asymmetric pairs.
+# and padding given as a string or asymmetric pairs. Strided convs with c_in * stride**2 <=
+# 32 take the space-to-depth weight gradient, wider ones the strided-view one: both occur.
 CASES = [
     (16, 16, 3, 8, 7, 2, ((3, 3), (3, 3))),
     (8, 8, 4, 6, 3, 1, ((1, 1), (1, 1))),
@@ -31,6 +32,8 @@ CASES = [
     (9, 9, 3, 4, 3, 1, "VALID"),
     (8, 9, 3, 4, 3, 2, ((0, 1), (1, 0))),
     (6, 6, 3, 4, 1, 1, ((1, 1), (0, 1))),
+    (9, 8, 12, 6, 3, 2, ((1, 1), (1, 1))),
+    (11, 9, 9, 4, 7, 2, ((3, 3), (3, 3))),
 ]
 
 
@@ -73,16 +76,20 @@ def test_forward_and_grads_match_lax(h, w, cin, cout, k, stride, padding):
         _close(ours, ref)
 
 
-def test_weight_grad_matches_numpy_loop():
+@pytest.mark.parametrize("cin", [2, 12])  # space-to-depth path, strided-view path
+def test_weight_grad_matches_numpy_loop(cin, monkeypatch):
     """dW[i, j] = sum over outputs of x_pad[n, h*s+i, w*s+j]^T g[n, h, w], written out."""
-    x, kern = _inputs(7, 6, 2, 3, 3, seed=3)
+    calls = []
+    s2d = conv._weight_grad_s2d
+    monkeypatch.setattr(conv, "_weight_grad_s2d", lambda *a: calls.append(1) or s2d(*a))
+    x, kern = _inputs(7, 6, cin, 3, 3, seed=3)
     g = jnp.asarray(np.random.default_rng(4).normal(size=(2, 4, 3, 3)), jnp.float32)
     f = lambda w: conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)),  # noqa: E731
                                             dimension_numbers=DN)
     dw = jax.jit(lambda w, g: jax.vjp(f, w)[1](g)[0])(kern, g)
     xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
     gn = np.asarray(g, np.float64)
-    expected = np.zeros((3, 3, 2, 3))
+    expected = np.zeros((3, 3, cin, 3))
     for i in range(3):
         for j in range(3):
             for n in range(2):
@@ -90,6 +97,7 @@ def test_weight_grad_matches_numpy_loop():
                     for b in range(3):
                         expected[i, j] += np.outer(xp[n, 2 * a + i, 2 * b + j], gn[n, a, b])
     _close(dw, expected)
+    assert bool(calls) == (cin * 4 <= conv._S2D_MAX_CHANNELS)
 
 
 def _rel_norm_err(a, b) -> float:

@@ -15,6 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from rstpm_jax.ops import batch_norm as batch_norm_ops
+from rstpm_jax.ops import pool
 
 Array = jax.Array
 ModuleDef = Any
@@ -72,17 +76,37 @@ def conv_layer(
     )
 
 
-def batch_norm(train: bool, dtype: Any = jnp.float32, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5)."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        use_fast_variance=False,  # two-pass variance, as torch: no E[x^2]-E[x]^2 cancellation
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+class BatchNorm(nn.Module):
+    """``flax.linen.BatchNorm`` (two-pass variance, same variables and update rule) whose
+    training-mode gradient is closed-form (``rstpm_jax.ops.batch_norm``)."""
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+            y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+        else:
+            y, mean, var = batch_norm_ops.batch_norm_train(x, scale, bias, self.epsilon)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(self.dtype)
+
+
+def batch_norm(train: bool, dtype: Any = jnp.float32, name: str | None = None) -> BatchNorm:
+    """BatchNorm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5) and its
+    two-pass variance (no E[x^2]-E[x]^2 cancellation)."""
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -131,7 +155,7 @@ def stem(x: Array, train: bool, *, dtype: Any = jnp.float32, conv_fn: Callable |
     """7x7/2 conv, BN, ReLU (returned as ``stem``), then 3x3/2 max-pool. Call inside a compact module."""
     y = conv_layer(64, 7, 2, dtype=dtype, conv_fn=conv_fn, name=parent_names[0])(x)
     y = nn.relu(batch_norm(train, dtype, name=parent_names[1])(y))
-    pooled = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    pooled = pool.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     return y, pooled
 
 

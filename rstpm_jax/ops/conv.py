@@ -7,7 +7,9 @@ a 3x3 64->64 conv at 32x32, batch 32, on 2 cores). Here the weight gradient is i
     dW[i, j] = sum_{n,h,w} x_pad[n, h*s + i, w*s + j, :]^T  @  g[n, h, w, :]
 
 run one tap at a time (``lax.scan``: XLA:CPU otherwise runs the independent products
-concurrently and they fight over the cores), accumulated in float32. The forward pass and
+concurrently and they fight over the cores), accumulated in float32. Strided convolutions
+with few input channels (the 7x7/2 stem) regroup ``x_pad`` space-to-depth first: 16 taps
+of 12 channels instead of 49 of 3 (570 -> 330 ms for the stem at 256x256, batch 32). The forward pass and
 the input gradient stay XLA's own convolutions, which are fast on CPU; 1x1 convolutions
 are plain matrix products throughout. Only 2D NHWC/HWIO convolutions without dilation or
 feature groups take this path; anything else goes to ``lax.conv_general_dilated`` as is.
@@ -165,8 +167,10 @@ def _weight_grad(g: Array, x: Array, w: Array, strides, pads, precision) -> Arra
                                 ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0))),
                         strides, (ho, wo))
         return _matmul(xs.reshape(-1, cin), g2, (0, 0), precision).astype(w.dtype)[None, None]
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     sh, sw = strides
+    if (sh, sw) != (1, 1) and cin * sh * sw <= _S2D_MAX_CHANNELS:
+        return _weight_grad_s2d(g, x, w, strides, pads, precision)
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     window = (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, cin)
 
     def tap(_, ij):
@@ -176,6 +180,39 @@ def _weight_grad(g: Array, x: Array, w: Array, strides, pads, precision) -> Arra
     taps = jnp.stack(jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij"), -1)
     _, dw = lax.scan(tap, None, taps.reshape(kh * kw, 2))
     return dw.reshape(kh, kw, cin, cout).astype(w.dtype)
+
+
+# Strided convolutions of at most this many space-to-depth channels (``cin * sh * sw``: the
+# stem's 3 * 2 * 2) take the space-to-depth weight gradient.
+_S2D_MAX_CHANNELS = 32
+
+
+def _weight_grad_s2d(g: Array, x: Array, w: Array, strides, pads, precision) -> Array:
+    """Weight gradient of a strided conv with few input channels, by space-to-depth.
+
+    ``x_pad`` regrouped into ``sh x sw`` blocks (``cin * sh * sw`` channels) turns the
+    strided conv into a stride-1 one with ``ceil(kh/sh) * ceil(kw/sw)`` taps: for the 7x7/2
+    stem, 16 products with 12 rows instead of 49 with 3, each reading ``g`` once (they are
+    bound by reading ``g``). Taps past the kernel's edge are computed and dropped.
+    """
+    kh, kw, cin, cout = w.shape
+    n, ho, wo, _ = g.shape
+    (sh, sw), (th, tw) = strides, (-(-kh // strides[0]), -(-kw // strides[1]))
+    hs, ws = ho - 1 + th, wo - 1 + tw  # blocks covering every tap of every output
+    cfg = ((0, 0, 0), (pads[0][0], hs * sh - x.shape[1] - pads[0][0], 0),
+           (pads[1][0], ws * sw - x.shape[2] - pads[1][0], 0), (0, 0, 0))  # negative: crop
+    xp = lax.pad(x, jnp.zeros((), x.dtype), cfg)
+    xs = xp.reshape(n, hs, sh, ws, sw, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, hs, ws, -1)
+    g2 = g.reshape(-1, cout)
+
+    def tap(_, pq):
+        view = lax.dynamic_slice(xs, (0, pq[0], pq[1], 0), (n, ho, wo, xs.shape[3]))
+        return None, _matmul(view.reshape(-1, xs.shape[3]), g2, (0, 0), precision)
+
+    taps = jnp.stack(jnp.meshgrid(jnp.arange(th), jnp.arange(tw), indexing="ij"), -1)
+    _, dw = lax.scan(tap, None, taps.reshape(th * tw, 2))
+    dw = dw.reshape(th, tw, sh, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+    return dw.reshape(th * sh, tw * sw, cin, cout)[:kh, :kw].astype(w.dtype)
 
 
 def _input_grad(g: Array, x: Array, w: Array, strides, pads, precision) -> Array:

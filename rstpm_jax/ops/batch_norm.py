@@ -1,0 +1,70 @@
+"""Training-mode batch normalisation with a closed-form backward pass.
+
+Differentiating the two-pass statistics (``mean``, then ``mean((x - mean)**2)``)
+automatically gives XLA a chain of reductions over the activation (the gradient also flows
+through ``mean`` into the variance, where it sums to zero); on CPU those reductions are a
+fifth of the STPM train step. The closed form needs two sums of the output gradient
+(``sum g`` and ``sum g * xhat``) and one elementwise pass::
+
+    dx = scale / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat))
+
+Statistics are over every axis but the last, in float32 (as ``flax.linen.BatchNorm``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
+    """``(y, mean, var)``: ``y = (x - mean) / sqrt(var + eps) * scale + bias`` in float32, with
+    the batch's ``mean`` and biased ``var`` (two-pass) over all axes but the last."""
+    return _bn(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+               float(epsilon))
+
+
+def _axes(x: Array) -> tuple[int, ...]:
+    return tuple(range(x.ndim - 1))
+
+
+def _stats(x: Array) -> tuple[Array, Array]:
+    mean = jnp.mean(x, _axes(x))
+    var = jnp.mean(lax.square(x - mean), _axes(x))
+    return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bn(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
+    mean, var = _stats(x)
+    y = (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+    return y, mean, var
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+    mean, var = _stats(x)
+    inv = lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inv * scale) + bias
+    return (y, mean, var), (x, mean, inv, scale)
+
+
+def _bn_bwd(epsilon, res, cotangents):
+    x, mean, inv, scale = res
+    gy, gmean, gvar = cotangents
+    axes = _axes(x)
+    count = x.size // x.shape[-1]
+    centered = x - mean
+    xhat = centered * inv
+    dbias = jnp.sum(gy, axes)
+    dscale = jnp.sum(gy * xhat, axes)
+    dx = (scale * inv) * (gy - dbias / count - xhat * (dscale / count))
+    dx = dx + gmean / count + centered * (2.0 * gvar / count)  # the statistics' own cotangents
+    return dx, dscale, dbias
+
+
+_bn.defvjp(_bn_fwd, _bn_bwd)

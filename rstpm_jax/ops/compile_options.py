@@ -1,0 +1,33 @@
+"""XLA compiler options for the library's jitted functions, chosen by platform.
+
+On CPU, XLA (jax 0.10) hands convolutions to YNNPACK fusions, which leave about a quarter of
+the cores idle for ResNet convolutions (process CPU time ~1.55x wall time on 2 cores);
+XLA's own Eigen convolutions keep them busy (~1.95x). With YNNPACK fusions off, STPM
+inference at 256x256, batch 32, ran 20-30% faster on this project's 2-core machine
+(``benchmarks/throughput.py``). Used for inference, evaluation, export and the teachers'
+feature cache; the train step keeps XLA's defaults (see ``train.compile_train_step``). A
+value the user sets for the same option in ``XLA_FLAGS`` wins: the option is then not passed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+
+CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options() -> dict[str, Any] | None:
+    """The options for ``jax.jit(..., compiler_options=...)`` on this process' default backend."""
+    if jax.default_backend() != "cpu":
+        return None
+    user = os.environ.get("XLA_FLAGS", "")
+    options = {k: v for k, v in CPU_OPTIONS.items() if k not in user}
+    return options or None
+
+
+def jit(fun: Callable, **kwargs: Any) -> Any:
+    """``jax.jit`` with :func:`compiler_options`."""
+    return jax.jit(fun, compiler_options=compiler_options(), **kwargs)

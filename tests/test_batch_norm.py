@@ -1,0 +1,72 @@
+"""``resnet.BatchNorm`` / ``ops.batch_norm``: flax's BatchNorm numbers with a closed-form gradient."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rstpm_jax.models.resnet import BatchNorm
+from rstpm_jax.ops.batch_norm import batch_norm_train
+
+
+def _flax(train: bool, dtype=jnp.float32) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        use_fast_variance=False, dtype=dtype)
+
+
+def _variables(rng, c):
+    return {"params": {"scale": jnp.asarray(rng.normal(size=c), jnp.float32),
+                       "bias": jnp.asarray(rng.normal(size=c), jnp.float32)},
+            "batch_stats": {"mean": jnp.asarray(rng.normal(size=c), jnp.float32),
+                            "var": jnp.asarray(rng.uniform(0.5, 2, size=c), jnp.float32)}}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_same_variables_outputs_updates_and_gradients_as_flax(dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(3, 2, size=(4, 5, 6, 7)), dtype)  # off-centre: tests the two passes
+    g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    ours, ref = BatchNorm(use_running_average=False, dtype=dtype), _flax(True, dtype)
+    v_ours, v_ref = ours.init(jax.random.key(0), x), ref.init(jax.random.key(0), x)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), v_ours) == jax.tree.map(lambda a: (a.shape, a.dtype), v_ref)
+    v = _variables(rng, 7)
+
+    def run(module):
+        def loss(params, x):
+            y, new = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                  mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)) * g), (y, new)
+        (_, aux), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(v["params"], x)
+        return aux, grads
+
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(jax.tree.leaves(run(ours)), jax.tree.leaves(run(ref))):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+    y_eval = BatchNorm(use_running_average=True, dtype=dtype).apply(v, x)
+    np.testing.assert_array_equal(np.asarray(y_eval, np.float32),
+                                  np.asarray(_flax(False, dtype).apply(v, x), np.float32))
+
+
+def test_gradient_through_the_statistics_matches_autodiff():
+    """The returned mean/var carry their own (exact) gradient, as the plain formula would."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(1, 3, size=(3, 4, 5, 6)), jnp.float32)
+    scale, bias = (jnp.asarray(rng.normal(size=6), jnp.float32) for _ in range(2))
+    w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x.shape, (6,), (6,))]
+
+    def plain(x, scale, bias, eps=1e-5):
+        mean = x.mean((0, 1, 2))
+        var = jnp.square(x - mean).mean((0, 1, 2))
+        return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias, mean, var
+
+    def loss(fn):
+        return lambda *a: sum(jnp.vdot(jnp.tanh(o), wi) for o, wi in zip(fn(*a), w))
+
+    got = jax.grad(loss(lambda *a: batch_norm_train(*a, 1e-5)), (0, 1, 2))(x, scale, bias)
+    want = jax.grad(loss(plain), (0, 1, 2))(x, scale, bias)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
