@@ -100,14 +100,11 @@ def compile_train_step(model: RSTPM, loss_fn: losses.LossFn, mesh: jax.sharding.
     Memoised, so every category of a run reuses one compiled step."""
     repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     step = functools.partial(train_step, model=model, loss_fn=loss_fn)
-    # XLA's default CPU options here, not compile_options: without YNNPACK fusions the step on
-    # 8 simulated devices moved parameters 8.6e-3 (relative) away from the 1-device step
-    # (with them: 9e-5), in tests/test_train.py::test_sharded_step_matches_single_device.
     if cached:
-        return jax.jit(step, in_shardings=(repl, repl, batch, batch), out_shardings=(repl, repl),
-                       donate_argnums=(0,))
-    return jax.jit(lambda s, t, x: step(s, t, x), in_shardings=(repl, repl, batch),
-                   out_shardings=(repl, repl), donate_argnums=(0,))
+        return compile_options.jit(step, in_shardings=(repl, repl, batch, batch),
+                                   out_shardings=(repl, repl), donate_argnums=(0,))
+    return compile_options.jit(lambda s, t, x: step(s, t, x), in_shardings=(repl, repl, batch),
+                               out_shardings=(repl, repl), donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- teacher cache

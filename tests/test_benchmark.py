@@ -152,8 +152,8 @@ def test_torch_reference_matches_jax_stpm(get_config):
 
     opt = torch_stfpm.make_optimizer(ref)
     t_loss = float(torch_stfpm.train_step(ref, opt, torch.from_numpy(x)))
-    step = jax.jit(lambda s, t, im: train.train_step(s, t, im, model=model,
-                                                      loss_fn=losses.get_loss("paper")))
+    step = compile_options.jit(lambda s, t, im: train.train_step(s, t, im, model=model,
+                                                                  loss_fn=losses.get_loss("paper")))
     new_state, metrics = step(state, teacher_vars, x_nhwc)
     assert float(metrics["loss"]) == pytest.approx(t_loss, rel=1e-4)
     t_new = ct.convert_state_dict({k: v for k, v in {**full, **ref.student.state_dict()}.items()

@@ -3,10 +3,10 @@
 On CPU, XLA (jax 0.10) hands convolutions to YNNPACK fusions, which leave about a quarter of
 the cores idle for ResNet convolutions (process CPU time ~1.55x wall time on 2 cores);
 XLA's own Eigen convolutions keep them busy (~1.95x). With YNNPACK fusions off, STPM
-inference at 256x256, batch 32, ran 20-30% faster on this project's 2-core machine
-(``benchmarks/throughput.py``). Used for inference, evaluation, export and the teachers'
-feature cache; the train step keeps XLA's defaults (see ``train.compile_train_step``). A
-value the user sets for the same option in ``XLA_FLAGS`` wins: the option is then not passed.
+inference at 256x256, batch 32, ran 20-30% faster on this project's 2-core machine and the
+train step ~15% faster (``benchmarks/throughput.py``). Every jitted function of the library
+uses them. A value the user sets for the same option in ``XLA_FLAGS`` wins: the option is
+then not passed.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ run one tap at a time (``lax.scan``: XLA:CPU otherwise runs the independent prod
 concurrently and they fight over the cores), accumulated in float32. Strided convolutions
 with few input channels (the 7x7/2 stem) regroup ``x_pad`` space-to-depth first: 16 taps
 of 12 channels instead of 49 of 3 (570 -> 330 ms for the stem at 256x256, batch 32). The forward pass and
-the input gradient stay XLA's own convolutions, which are fast on CPU; 1x1 convolutions
-are plain matrix products throughout. Only 2D NHWC/HWIO convolutions without dilation or
+the input gradient stay XLA's own convolutions, which are fast on CPU; 1x1 convolutions'
+gradients are plain matrix products. Only 2D NHWC/HWIO convolutions without dilation or
 feature groups take this path; anything else goes to ``lax.conv_general_dilated`` as is.
 Pass ``platform_conv()`` as ``conv_fn`` to the models (``nn.Conv(conv_general_dilated=...)``).
 """
@@ -108,10 +108,6 @@ def _plan(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimensi
     return strides, pads
 
 
-def _out_size(size: int, k: int, s: int, pad: tuple[int, int]) -> int:
-    return (size + pad[0] + pad[1] - k) // s + 1
-
-
 def _lax_conv(x: Array, w: Array, strides, pads, precision) -> Array:
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
                                     precision=precision)
@@ -136,11 +132,8 @@ def _matmul(a: Array, b: Array, contract: tuple[int, int], precision) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x: Array, w: Array, strides: tuple[int, int], pads: Pads, precision: Any) -> Array:
-    if _is_pointwise(w, pads):
-        ho, wo = (_out_size(x.shape[1 + a], 1, strides[a], (0, 0)) for a in range(2))
-        xs = _subsample(x, strides, (ho, wo))
-        y = _matmul(xs.reshape(-1, x.shape[3]), w[0, 0], (1, 0), precision)
-        return y.astype(x.dtype).reshape(x.shape[0], ho, wo, w.shape[3])
+    # 1x1 too: a strided-slice + matmul forward made the 8-device train step compiled without
+    # YNNPACK fusions drift 8.6e-3 from the 1-device one (cause not found; see compile_options).
     return _lax_conv(x, w, strides, pads, precision)
 
 
