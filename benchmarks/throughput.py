@@ -156,7 +156,7 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
         f"(compile {compile_s['train']:.1f} s)")
 
     # Teachers alone (what the cache is built with) and the step with cached features.
-    teach = compile_options.jit(model.teacher_features)
+    teach = train.jitted_teachers(model)
     teach_c, compile_s["teacher"] = compile_timed(teach, teacher_vars, images)
     t_teacher = time_calls(lambda: teach_c(teacher_vars, images), steps)
     rec["teacher_images_per_s"] = batch_size / t_teacher

@@ -117,7 +117,8 @@ def teacher_feature_bytes(model: RSTPM, teacher_vars: Any, image_size: int) -> i
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_teachers(model: RSTPM) -> Callable:
+def jitted_teachers(model: RSTPM) -> Callable:
+    """``model.teacher_features`` jitted as the feature cache runs it (memoised)."""
     return compile_options.jit(model.teacher_features)
 
 
@@ -126,7 +127,7 @@ class TeacherCache:
 
     def __init__(self, model: RSTPM, teacher_vars: Any, images: np.ndarray, indices: np.ndarray,
                  batch_size: int):
-        fn = _jitted_teachers(model)
+        fn = jitted_teachers(model)
         chunks = [jax.device_get(fn(teacher_vars, images[i:i + batch_size]))
                   for i in range(0, len(images), batch_size)]
         self.features = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)

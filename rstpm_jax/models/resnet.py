@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from rstpm_jax.ops import batch_norm as batch_norm_ops
 from rstpm_jax.ops import pool
@@ -94,7 +93,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
-            y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+            y = batch_norm_ops.normalize(x.astype(jnp.float32), mean, var, scale, bias, self.epsilon)
         else:
             y, mean, var = batch_norm_ops.batch_norm_train(x, scale, bias, self.epsilon)
             if not self.is_initializing():

@@ -39,18 +39,20 @@ def _stats(x: Array) -> tuple[Array, Array]:
     return mean, var
 
 
+def normalize(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float) -> Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` in ``flax.linen.BatchNorm``'s order."""
+    return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _bn(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
-    mean, var = _stats(x)
-    y = (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
-    return y, mean, var
+    return _bn_fwd(x, scale, bias, epsilon)[0]
 
 
 def _bn_fwd(x, scale, bias, epsilon):
     mean, var = _stats(x)
-    inv = lax.rsqrt(var + epsilon)
-    y = (x - mean) * (inv * scale) + bias
-    return (y, mean, var), (x, mean, inv, scale)
+    y = normalize(x, mean, var, scale, bias, epsilon)
+    return (y, mean, var), (x, mean, lax.rsqrt(var + epsilon), scale)
 
 
 def _bn_bwd(epsilon, res, cotangents):
