@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rstpm_jax.models.resnet import BatchNorm
-from rstpm_jax.ops.batch_norm import batch_norm_train
+from rstpm_jax.ops.batch_norm import batch_norm_train, channel_sum
 
 
 def _flax(train: bool, dtype=jnp.float32) -> nn.BatchNorm:
@@ -70,3 +70,15 @@ def test_gradient_through_the_statistics_matches_autodiff():
     want = jax.grad(loss(plain), (0, 1, 2))(x, scale, bias)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 64, 16), (3, 5, 7, 6), (2, 9, 64)])
+def test_channel_sum_is_as_accurate_as_a_reduction(shape):
+    """Sums over all axes but the last (a ones-vector product on CPU) against float64,
+    at least as close as XLA's own float32 reduction; shapes with odd row counts too."""
+    x = jnp.asarray(np.random.default_rng(2).normal(1, 1, size=shape), jnp.float32)
+    want = np.asarray(x, np.float64).reshape(-1, shape[-1]).sum(0)
+    got = jax.jit(channel_sum)(x)
+    assert got.shape == (shape[-1],) and got.dtype == jnp.float32
+    ref_err = np.abs(np.asarray(jax.jit(lambda v: v.sum(tuple(range(v.ndim - 1))))(x)) - want).max()
+    assert np.abs(np.asarray(got) - want).max() <= max(2 * ref_err, 1e-6 * np.abs(want).max())

@@ -30,3 +30,15 @@ def test_cpu_compiler_options(monkeypatch):
     np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(default(x, w)), rtol=1e-5, atol=1e-4)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     assert compile_options.compiler_options() is None
+
+
+def test_eigen_convolutions_follows_options_and_flags(monkeypatch):
+    """The conv op picks its weight gradient by this: Eigen convs unless XLA_FLAGS turns
+    YNNPACK fusions back on."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    cpu = jax.default_backend() == "cpu"
+    assert compile_options.eigen_convolutions() is cpu
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert compile_options.eigen_convolutions() is cpu
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=INDIVIDUAL_DOT,ELTWISE")
+    assert compile_options.eigen_convolutions() is False

@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 from rstpm_jax.models import resnet
-from rstpm_jax.ops import conv
+from rstpm_jax.ops import compile_options, conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -37,6 +37,16 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["xla", "taps"])
+def weight_grad_path(request, monkeypatch):
+    """Kernels > 1x1 take XLA's weight gradient (Eigen convolutions, the library's CPU default)
+    or the per-tap products (YNNPACK fusions): run a test under each."""
+    monkeypatch.setattr(compile_options, "eigen_convolutions", lambda: request.param == "xla")
+    jax.clear_caches()  # traced custom-VJP backward passes are cached across jits
+    yield request.param
+    jax.clear_caches()
+
+
 def _inputs(h, w, cin, cout, k, batch=2, seed=0):
     """numpy draws (no per-shape XLA compile of a random kernel)."""
     rng = np.random.default_rng(seed)
@@ -59,7 +69,7 @@ def _close(actual, expected, rtol=1e-5):
 
 
 @pytest.mark.parametrize("h,w,cin,cout,k,stride,padding", CASES)
-def test_forward_and_grads_match_lax(h, w, cin, cout, k, stride, padding):
+def test_forward_and_grads_match_lax(h, w, cin, cout, k, stride, padding, weight_grad_path):
     x, kern = _inputs(h, w, cin, cout, k)
 
     @jax.jit  # one compile for both sides
@@ -77,7 +87,7 @@ def test_forward_and_grads_match_lax(h, w, cin, cout, k, stride, padding):
 
 
 @pytest.mark.parametrize("cin", [2, 12])  # space-to-depth path, strided-view path
-def test_weight_grad_matches_numpy_loop(cin, monkeypatch):
+def test_weight_grad_matches_numpy_loop(cin, monkeypatch, weight_grad_path):
     """dW[i, j] = sum over outputs of x_pad[n, h*s+i, w*s+j]^T g[n, h, w], written out."""
     calls = []
     s2d = conv._weight_grad_s2d
@@ -97,7 +107,7 @@ def test_weight_grad_matches_numpy_loop(cin, monkeypatch):
                     for b in range(3):
                         expected[i, j] += np.outer(xp[n, 2 * a + i, 2 * b + j], gn[n, a, b])
     _close(dw, expected)
-    assert bool(calls) == (cin * 4 <= conv._S2D_MAX_CHANNELS)
+    assert bool(calls) == (weight_grad_path == "taps" and cin * 4 <= conv._S2D_MAX_CHANNELS)
 
 
 def _rel_norm_err(a, b) -> float:
@@ -175,7 +185,7 @@ def f32_grads(block_setup):
     return _block_grads(None, jnp.float32, *block_setup)
 
 
-def test_flax_conv_with_custom_fn_matches_default(block_setup, f32_grads):
+def test_flax_conv_with_custom_fn_matches_default(block_setup, f32_grads, weight_grad_path):
     x, params = block_setup
     y_ref = jax.jit(_Block().apply)({"params": params}, x)
     y = jax.jit(_Block(conv.conv_general_dilated).apply)({"params": params}, x)
@@ -185,7 +195,7 @@ def test_flax_conv_with_custom_fn_matches_default(block_setup, f32_grads):
         _close(a, b)
 
 
-def test_bfloat16(block_setup, f32_grads):
+def test_bfloat16(block_setup, f32_grads, weight_grad_path):
     """bf16 compute: gradients in f32 params' dtype, as close to f32 as XLA's own bf16 path."""
     x, params = block_setup
     ref = f32_grads

@@ -8,7 +8,9 @@ fifth of the STPM train step. The closed form needs two sums of the output gradi
 
     dx = scale / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat))
 
-Statistics are over every axis but the last, in float32 (as ``flax.linen.BatchNorm``).
+Statistics are over every axis but the last, in float32 (as ``flax.linen.BatchNorm``). On
+CPU their sums are matrix-vector products (:func:`channel_sum`): XLA:CPU's reductions over
+a [32, 128, 128, 64] activation take ~40 ms, the product ~6 ms, and is as accurate.
 """
 
 from __future__ import annotations
@@ -33,9 +35,38 @@ def _axes(x: Array) -> tuple[int, ...]:
     return tuple(range(x.ndim - 1))
 
 
+# Rows per partial sum of :func:`channel_sum`: at most this many partial sums per channel.
+_SUM_BLOCKS = 128
+
+
+def channel_sum(x: Array) -> Array:
+    """Sum over every axis but the last.
+
+    On CPU, a float32 product of a ones vector with ``x`` viewed as ``[rows / k, k * C]``
+    (``k`` partial sums per channel, then added): an Eigen GEMV, 4-8x faster than XLA:CPU's
+    reduction for ResNet activations and as accurate (each partial sum runs over ``rows / k``
+    values). Elsewhere ``jnp.sum``.
+    """
+    if jax.default_backend() != "cpu" or x.ndim < 2:
+        return jnp.sum(x, _axes(x), dtype=jnp.float32)
+    c = x.shape[-1]
+    rows = x.size // c
+    k = _SUM_BLOCKS
+    while rows % k:
+        k //= 2
+    ones = jnp.ones((rows // k,), x.dtype)
+    part = lax.dot_general(ones, x.reshape(rows // k, k * c), (((0,), (0,)), ((), ())),
+                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return jnp.sum(part.reshape(k, c), 0)
+
+
+def _mean(x: Array) -> Array:
+    return channel_sum(x) / (x.size // x.shape[-1])
+
+
 def _stats(x: Array) -> tuple[Array, Array]:
-    mean = jnp.mean(x, _axes(x))
-    var = jnp.mean(lax.square(x - mean), _axes(x))
+    mean = _mean(x)
+    var = _mean(lax.square(x - mean))
     return mean, var
 
 
@@ -58,12 +89,11 @@ def _bn_fwd(x, scale, bias, epsilon):
 def _bn_bwd(epsilon, res, cotangents):
     x, mean, inv, scale = res
     gy, gmean, gvar = cotangents
-    axes = _axes(x)
     count = x.size // x.shape[-1]
     centered = x - mean
     xhat = centered * inv
-    dbias = jnp.sum(gy, axes)
-    dscale = jnp.sum(gy * xhat, axes)
+    dbias = channel_sum(gy)
+    dscale = channel_sum(gy * xhat)
     dx = (scale * inv) * (gy - dbias / count - xhat * (dscale / count))
     dx = dx + gmean / count + centered * (2.0 * gvar / count)  # the statistics' own cotangents
     return dx, dscale, dbias

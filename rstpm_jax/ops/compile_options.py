@@ -12,11 +12,13 @@ then not passed.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable
 
 import jax
 
-CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_YNN_FUSION = "xla_cpu_experimental_ynn_fusion_type"
+CPU_OPTIONS: dict[str, Any] = {_YNN_FUSION: ""}
 
 
 def compiler_options() -> dict[str, Any] | None:
@@ -31,3 +33,13 @@ def compiler_options() -> dict[str, Any] | None:
 def jit(fun: Callable, **kwargs: Any) -> Any:
     """``jax.jit`` with :func:`compiler_options`."""
     return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
+
+def eigen_convolutions() -> bool:
+    """Whether the library's jitted functions run XLA:CPU's Eigen convolutions (YNNPACK
+    fusions off, by :data:`CPU_OPTIONS` or by the user's ``XLA_FLAGS``)."""
+    if jax.default_backend() != "cpu":
+        return False
+    user = re.findall(rf"--{_YNN_FUSION}=(\S*)", os.environ.get("XLA_FLAGS", ""))
+    value = user[-1].strip("\"'") if user else CPU_OPTIONS[_YNN_FUSION]
+    return value == ""

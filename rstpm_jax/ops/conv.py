@@ -1,19 +1,23 @@
 """A drop-in ``lax.conv_general_dilated`` with a fast weight gradient on XLA:CPU.
 
-XLA:CPU computes a convolution's weight gradient with a slow generic kernel (about 1 s for
-a 3x3 64->64 conv at 32x32, batch 32, on 2 cores). Here the weight gradient is instead
-``kh * kw`` matrix products over strided, shifted views of the padded input::
+With YNNPACK fusions (XLA:CPU's default in jax 0.10), XLA computes a convolution's weight
+gradient with a slow generic kernel (about 1.4 s for a 3x3 64->64 conv at 64x64, batch 32,
+on 2 cores). Here the weight gradient is then ``kh * kw`` matrix products over strided,
+shifted views of the padded input (0.25 s)::
 
     dW[i, j] = sum_{n,h,w} x_pad[n, h*s + i, w*s + j, :]^T  @  g[n, h, w, :]
 
 run one tap at a time (``lax.scan``: XLA:CPU otherwise runs the independent products
 concurrently and they fight over the cores), accumulated in float32. Strided convolutions
 with few input channels (the 7x7/2 stem) regroup ``x_pad`` space-to-depth first: 16 taps
-of 12 channels instead of 49 of 3 (570 -> 330 ms for the stem at 256x256, batch 32). The forward pass and
-the input gradient stay XLA's own convolutions, which are fast on CPU; 1x1 convolutions'
-gradients are plain matrix products. Only 2D NHWC/HWIO convolutions without dilation or
-feature groups take this path; anything else goes to ``lax.conv_general_dilated`` as is.
-Pass ``platform_conv()`` as ``conv_fn`` to the models (``nn.Conv(conv_general_dilated=...)``).
+of 12 channels instead of 49 of 3. The library's own jits run Eigen convolutions instead
+(``compile_options``), whose weight gradient beats the taps (0.13 s for that conv): there
+kernels larger than 1x1 keep XLA's, chosen at trace time by
+``compile_options.eigen_convolutions()``. 1x1 convolutions' gradients are plain matrix
+products either way (4-5x faster than XLA's); forward passes and the input gradients of
+larger kernels are XLA's own. Only 2D NHWC/HWIO convolutions without dilation or feature
+groups take this path; anything else goes to ``lax.conv_general_dilated`` as is. Pass
+``platform_conv()`` as ``conv_fn`` to the models (``nn.Conv(conv_general_dilated=...)``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from rstpm_jax.ops import compile_options
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -151,8 +157,17 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _weight_grad(g: Array, x: Array, w: Array, strides, pads, precision) -> Array:
-    """``dW[i, j] = sum x_pad[:, i::s, j::s]^T @ g``: one matrix product per kernel tap."""
+    """``dW[i, j] = sum x_pad[:, i::s, j::s]^T @ g``: one matrix product per kernel tap.
+
+    Kernels larger than 1x1 use XLA's own weight gradient instead where the library's jits
+    run Eigen convolutions (``compile_options``): there it is faster than the taps (layer1's
+    3x3 at 256x256, batch 32: 134 vs 252 ms; the stem: 206 vs 358 ms), while with YNNPACK
+    fusions it is 3-6x slower than them.
+    """
     kh, kw, cin, cout = w.shape
+    if (kh, kw) != (1, 1) and compile_options.eigen_convolutions():
+        aval = jax.ShapeDtypeStruct(w.shape, w.dtype)
+        return jax.linear_transpose(lambda v: _lax_conv(x, v, strides, pads, precision), aval)(g)[0]
     n, ho, wo, _ = g.shape
     g2 = g.reshape(-1, cout)
     if (kh, kw) == (1, 1):
