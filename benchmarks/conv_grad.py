@@ -3,7 +3,11 @@
 Per ResNet18 convolution shape: forward, input gradient and weight gradient in ms (min and
 median of interleaved runs, so other load on the machine biases both sides alike), plus the
 largest relative difference between the two. ``--train_step`` also times a whole STPM
-student update (forward, loss, gradient) with and without the custom convolution.
+student update (forward, loss, gradient) with and without the custom convolution. Both
+sides compile with the library's options (``rstpm_jax.ops.compile_options``: Eigen
+convolutions on CPU, where the op keeps XLA's weight gradient for kernels > 1x1); to compare
+under YNNPACK fusions instead (where the op's per-tap weight gradient runs), set
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=INDIVIDUAL_CONVOLUTION,INDIVIDUAL_DOT``.
 
   python benchmarks/conv_grad.py --batch=32 --image_size=256 --reps=5
   python benchmarks/conv_grad.py --batch=8 --image_size=128 --train_step --only=
@@ -24,7 +28,7 @@ from jax import lax
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-from rstpm_jax.ops import conv  # noqa: E402
+from rstpm_jax.ops import compile_options, conv  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Batch size.")
@@ -79,9 +83,10 @@ def bench_op(name: str, batch: int, size: int, cin: int, cout: int, k: int, s: i
 
     def make(fn):
         f = lambda x, w: fn(x, w, (s, s), pads, dimension_numbers=DN)  # noqa: E731
-        return {"fwd": jax.jit(f),
-                "dx": jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)[0]),
-                "dw": jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)[1])}
+        jit = compile_options.jit
+        return {"fwd": jit(f),
+                "dx": jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)[0]),
+                "dw": jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)[1])}
 
     ref, ours = make(lax.conv_general_dilated), make(conv.conv_general_dilated)
     g = jax.random.normal(kg, ref["fwd"](x, w).shape)
@@ -114,7 +119,7 @@ def bench_train_step(batch: int, size: int, reps: int, model_cfg) -> None:
             loss, _ = losses.paper_loss(rstpm.feature_pairs(teacher, feats))
             return loss, updates
 
-        step = jax.jit(jax.grad(loss_fn, has_aux=True))
+        step = compile_options.jit(jax.grad(loss_fn, has_aux=True))
         return step, (svars["params"], svars["batch_stats"], images)
 
     (xla_step, args), (own_step, _) = make(None), make(conv.conv_general_dilated)

@@ -124,10 +124,11 @@ def test_fast_path_taken_and_fallthrough_identical():
     fast = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
                                                   dimension_numbers=DN)
     assert _uses_custom_vjp(fast, x, kern)
-    # Unsupported: dilation, feature groups, NCHW layout, preferred_element_type -> plain lax.
+    # Unsupported: kernel dilation, input dilation with strides, feature groups, NCHW layout,
+    # preferred_element_type -> plain lax.
     others = [
         dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2), dimension_numbers=DN),
-        dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2),
+        dict(window_strides=(2, 2), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2),
              dimension_numbers=DN),
         dict(window_strides=(1, 1), padding="SAME", feature_group_count=2, dimension_numbers=DN),
         dict(window_strides=(2, 2), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")),
@@ -213,3 +214,44 @@ def test_bfloat16(block_setup, f32_grads, weight_grad_path):
                                       (0, 1)))(xb.astype(jnp.float32), kb.astype(jnp.float32))
     assert _rel_norm_err(dx, dx_ref) < 2e-2
     assert _rel_norm_err(dw, dw_ref) < 2e-2
+
+
+# (input shape, features, kernel, stride): RSTPM's 3x3/2 decoder layer at toy size, an even
+# kernel, stride 3, a 1x1 and a 5x5; channel counts on both sides of the space-to-depth cut.
+TRANSPOSE_CASES = [
+    ((2, 5, 6, 8), 4, 3, 2),
+    ((2, 4, 4, 3), 5, 3, 2),
+    ((1, 5, 5, 4), 3, 4, 2),
+    ((2, 3, 4, 2), 3, 2, 3),
+    ((2, 4, 4, 3), 2, 1, 2),
+    ((2, 4, 5, 3), 2, 5, 2),
+]
+
+
+@pytest.mark.parametrize("shape,features,k,stride", TRANSPOSE_CASES)
+def test_conv_transpose_layer_matches_flax_conv_transpose(shape, features, k, stride,
+                                                          weight_grad_path):
+    """resnet.conv_transpose_layer through the op (input-dilated conv, custom weight gradient)
+    has nn.ConvTranspose's variables, output and gradients."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    ref = nn.ConvTranspose(features, (k, k), strides=(stride, stride), padding="SAME", use_bias=False)
+    ours = resnet.conv_transpose_layer(features, k, stride, conv_fn=conv.conv_general_dilated)
+    variables = ref.init(jax.random.key(0), x)
+    assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x))
+            == jax.tree.map(jnp.shape, variables))
+    g = jnp.asarray(rng.normal(size=ref.apply(variables, x).shape), jnp.float32)
+
+    @jax.jit
+    def run(variables, x):
+        out = {}
+        for name, module in (("ref", ref), ("ours", ours)):
+            y, vjp = jax.vjp(module.apply, variables, x)
+            out[name] = (y, *vjp(g))
+        return out
+
+    out = run(variables, x)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(ours.apply)(variables, x))
+    for a, b in zip(jax.tree.leaves(out["ours"]), jax.tree.leaves(out["ref"])):
+        assert a.shape == b.shape
+        _close(a, b)

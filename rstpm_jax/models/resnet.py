@@ -75,6 +75,28 @@ def conv_layer(
     )
 
 
+def conv_transpose_layer(
+    features: int,
+    kernel: int,
+    stride: int,
+    *,
+    dtype: Any = jnp.float32,
+    conv_fn: Callable | None = None,
+    name: str | None = None,
+) -> nn.Conv:
+    """``nn.ConvTranspose(features, (k, k), (s, s), padding="SAME", use_bias=False)`` as an
+    ``nn.Conv`` over the ``s``-dilated input: the same ``kernel`` variable (k, k, in, out)
+    and numbers, but through ``conv_fn`` (on CPU, ``ops.conv``'s fast weight gradient)."""
+    # lax.conv_transpose's "SAME" pads for the dilated input (its _conv_transpose_padding).
+    total = kernel + stride - 2
+    before = kernel - 1 if stride > kernel - 1 else -(-total // 2)
+    pad = (before, total - before)
+    kwargs = {} if conv_fn is None else {"conv_general_dilated": conv_fn}
+    return nn.Conv(features, (kernel, kernel), strides=(1, 1), padding=(pad, pad),
+                   input_dilation=(stride, stride), use_bias=False, kernel_init=conv_init,
+                   dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
+
+
 class BatchNorm(nn.Module):
     """``flax.linen.BatchNorm`` (two-pass variance, same variables and update rule) whose
     training-mode gradient is closed-form (``rstpm_jax.ops.batch_norm``)."""

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from rstpm_jax.models.attention import AttentionGate
-from rstpm_jax.models.resnet import (BasicBlock, batch_norm, conv_init, conv_layer, stage,
-                                     stem)
+from rstpm_jax.models.resnet import (BasicBlock, batch_norm, conv_init, conv_layer,
+                                     conv_transpose_layer, stage, stem)
 
 Array = jax.Array
 COMPARED = ("layer1", "layer2", "layer3")
@@ -64,9 +64,8 @@ class ReconstructionStudent(nn.Module):
         y = BasicBlock(512, dtype=self.dtype, conv_fn=self.conv_fn, name="block_in")(y, train)
         out = {}
         for i, (level, width, target) in enumerate(zip(reversed(COMPARED), self.widths, self.target_widths)):
-            y = nn.ConvTranspose(width, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
-                                 kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
-                                 name=f"up{i}_deconv")(y)
+            y = conv_transpose_layer(width, 3, 2, dtype=self.dtype, conv_fn=self.conv_fn,
+                                     name=f"up{i}_deconv")(y)
             y = nn.relu(batch_norm(train, self.dtype, name=f"up{i}_bn")(y))
             for j in range(2):
                 y = BasicBlock(width, downsample=False, dtype=self.dtype, conv_fn=self.conv_fn,
@@ -75,8 +74,9 @@ class ReconstructionStudent(nn.Module):
                 y = AttentionGate(self.attention_mode, self.dtype, self.conv_fn,
                                   name=f"attention_{level}")(teacher2[level], y, train)
             if width != target:
+                conv_kw = {} if self.conv_fn is None else {"conv_general_dilated": self.conv_fn}
                 out[level] = nn.Conv(target, (1, 1), kernel_init=conv_init, dtype=self.dtype,
-                                     param_dtype=jnp.float32, name=f"proj_{level}")(y)
+                                     param_dtype=jnp.float32, name=f"proj_{level}", **conv_kw)(y)
             else:
                 out[level] = y
         return out
