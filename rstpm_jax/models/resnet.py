@@ -47,6 +47,11 @@ def _arch(arch: str) -> tuple[str, tuple[int, ...]]:
     return ARCHS[arch]
 
 
+def conv_fn_kwargs(conv_fn: Callable | None) -> dict[str, Callable]:
+    """``nn.Conv`` keyword arguments that route it through ``conv_fn`` (none: XLA's conv)."""
+    return {} if conv_fn is None else {"conv_general_dilated": conv_fn}
+
+
 def conv_layer(
     features: int,
     kernel: int,
@@ -58,9 +63,6 @@ def conv_layer(
 ) -> nn.Conv:
     """A bias-free conv with torchvision padding (k // 2) and init."""
     pad = kernel // 2
-    kwargs = {}
-    if conv_fn is not None:
-        kwargs["conv_general_dilated"] = conv_fn
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -71,7 +73,7 @@ def conv_layer(
         dtype=dtype,
         param_dtype=jnp.float32,
         name=name,
-        **kwargs,
+        **conv_fn_kwargs(conv_fn),
     )
 
 
@@ -91,10 +93,9 @@ def conv_transpose_layer(
     total = kernel + stride - 2
     before = kernel - 1 if stride > kernel - 1 else -(-total // 2)
     pad = (before, total - before)
-    kwargs = {} if conv_fn is None else {"conv_general_dilated": conv_fn}
     return nn.Conv(features, (kernel, kernel), strides=(1, 1), padding=(pad, pad),
                    input_dilation=(stride, stride), use_bias=False, kernel_init=conv_init,
-                   dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
+                   dtype=dtype, param_dtype=jnp.float32, name=name, **conv_fn_kwargs(conv_fn))
 
 
 class BatchNorm(nn.Module):

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from rstpm_jax.models.attention import AttentionGate
-from rstpm_jax.models.resnet import (BasicBlock, batch_norm, conv_init, conv_layer,
-                                     conv_transpose_layer, stage, stem)
+from rstpm_jax.models.resnet import (BasicBlock, batch_norm, conv_fn_kwargs, conv_init,
+                                     conv_layer, conv_transpose_layer, stage, stem)
 
 Array = jax.Array
 COMPARED = ("layer1", "layer2", "layer3")
@@ -74,9 +74,9 @@ class ReconstructionStudent(nn.Module):
                 y = AttentionGate(self.attention_mode, self.dtype, self.conv_fn,
                                   name=f"attention_{level}")(teacher2[level], y, train)
             if width != target:
-                conv_kw = {} if self.conv_fn is None else {"conv_general_dilated": self.conv_fn}
                 out[level] = nn.Conv(target, (1, 1), kernel_init=conv_init, dtype=self.dtype,
-                                     param_dtype=jnp.float32, name=f"proj_{level}", **conv_kw)(y)
+                                     param_dtype=jnp.float32, name=f"proj_{level}",
+                                     **conv_fn_kwargs(self.conv_fn))(y)
             else:
                 out[level] = y
         return out

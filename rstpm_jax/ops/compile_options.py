@@ -25,8 +25,7 @@ def compiler_options() -> dict[str, Any] | None:
     """The options for ``jax.jit(..., compiler_options=...)`` on this process' default backend."""
     if jax.default_backend() != "cpu":
         return None
-    user = os.environ.get("XLA_FLAGS", "")
-    options = {k: v for k, v in CPU_OPTIONS.items() if k not in user}
+    options = {k: v for k, v in CPU_OPTIONS.items() if _user_flag(k) is None}
     return options or None
 
 
@@ -40,6 +39,11 @@ def eigen_convolutions() -> bool:
     fusions off, by :data:`CPU_OPTIONS` or by the user's ``XLA_FLAGS``)."""
     if jax.default_backend() != "cpu":
         return False
-    user = re.findall(rf"--{_YNN_FUSION}=(\S*)", os.environ.get("XLA_FLAGS", ""))
-    value = user[-1].strip("\"'") if user else CPU_OPTIONS[_YNN_FUSION]
-    return value == ""
+    user = _user_flag(_YNN_FUSION)
+    return (CPU_OPTIONS[_YNN_FUSION] if user is None else user) == ""
+
+
+def _user_flag(key: str) -> str | None:
+    """The last value ``XLA_FLAGS`` gives ``--key`` (``""`` for a bare ``--key``), or ``None``."""
+    found = re.findall(rf"--{key}(?:=(\S*))?(?!\w)", os.environ.get("XLA_FLAGS", ""))
+    return found[-1].strip("\"'") if found else None

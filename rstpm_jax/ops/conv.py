@@ -144,6 +144,12 @@ def _subsample(x: Array, strides: tuple[int, int], out_hw: tuple[int, int]) -> A
     return lax.slice(x, (0, 0, 0, 0), (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, c), (1, sh, sw, 1))
 
 
+def _transpose(linear: Callable[[Array], Array], like: Any, ct: Array) -> Array:
+    """The transpose of ``linear`` (a function of arrays shaped like ``like``) applied to ``ct``:
+    XLA's own gradient of a convolution with respect to that argument."""
+    return jax.linear_transpose(linear, jax.ShapeDtypeStruct(like.shape, like.dtype))(ct)[0]
+
+
 def _matmul(a: Array, b: Array, contract: tuple[int, int], precision) -> Array:
     """2D product contracting ``a``'s axis ``contract[0]`` with ``b``'s, in float32."""
     return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
@@ -197,8 +203,7 @@ def _dilated_conv_bwd(dilation, pads, precision, res, g):
     """
     x, w = res
     kh, kw, cin, cout = w.shape
-    aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    dx = jax.linear_transpose(lambda v: _lax_dilated_conv(v, w, dilation, pads, precision), aval)(g)[0]
+    dx = _transpose(lambda v: _lax_dilated_conv(v, w, dilation, pads, precision), x, g)
     cfg = [(0, 0, 0)]
     for axis, (k, d, (lo, _)) in enumerate(zip((kh, kw), dilation, pads)):
         before = k - 1 - lo
@@ -223,8 +228,7 @@ def _weight_grad(g: Array, x: Array, w: Array, strides, pads, precision) -> Arra
     """
     kh, kw, cin, cout = w.shape
     if (kh, kw) != (1, 1) and compile_options.eigen_convolutions():
-        aval = jax.ShapeDtypeStruct(w.shape, w.dtype)
-        return jax.linear_transpose(lambda v: _lax_conv(x, v, strides, pads, precision), aval)(g)[0]
+        return _transpose(lambda v: _lax_conv(x, v, strides, pads, precision), w, g)
     n, ho, wo, _ = g.shape
     g2 = g.reshape(-1, cout)
     if (kh, kw) == (1, 1):
@@ -290,6 +294,4 @@ def _input_grad(g: Array, x: Array, w: Array, strides, pads, precision) -> Array
         cfg = ((0, 0, 0), (0, h - (ho - 1) * sh - 1, sh - 1), (0, wd - (wo - 1) * sw - 1, sw - 1),
                (0, 0, 0))
         return lax.pad(dxs, jnp.zeros((), x.dtype), cfg)
-    aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    transpose = jax.linear_transpose(lambda v: _lax_conv(v, w, strides, pads, precision), aval)
-    return transpose(g)[0]
+    return _transpose(lambda v: _lax_conv(v, w, strides, pads, precision), x, g)
