@@ -29,16 +29,18 @@ import platform
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # throughput.py
-import throughput  # noqa: E402  (puts the repository root on sys.path too)
-
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import throughput  # noqa: E402  (puts the repository root on sys.path too)
 
 from rstpm_jax import inference, losses, train  # noqa: E402
+from rstpm_jax.anomaly_maps import MapSpec  # noqa: E402
 from rstpm_jax.models.rstpm import build_model  # noqa: E402
 
 # Dense peak TFLOP/s by dtype (NVIDIA data sheets; float32 as TF32, XLA's default precision).
@@ -85,14 +87,12 @@ def parity(config: ml_collections.ConfigDict, image_size: int, batch_size: int,
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.dtype = "float32"
     accel, cpu = jax.devices()[0], jax.devices("cpu")[0]
-    loss_fn = losses.get_loss(config.loss.name)
-    try:
-        from rstpm_jax.ops import conv  # noqa: PLC0415
-        cpu_conv: Callable | None = conv.conv_general_dilated
-    except ImportError:
-        cpu_conv = None
-    model_cpu = build_model(config.model, conv_fn=cpu_conv)
-    model_acc = model_cpu if accel.platform == "cpu" else train.create_model(config)
+    loss_fn = losses.from_config(config.loss, config.maps)
+    # On a CPU-only machine both sides get the fast CPU layers (jax.default_backend() is cpu);
+    # with an accelerator, flax's own layers, run on both devices.
+    model_cpu = build_model(config.model)
+    model_acc = model_cpu
+    cpu_conv = model_cpu.teachers.conv is not nn.Conv
     with jax.default_device(cpu):
         state, teacher_vars = jax.jit(lambda k: train.create_train_state(k, config, model_cpu, image_size))(
             jax.random.key(seed))
@@ -105,7 +105,7 @@ def parity(config: ml_collections.ConfigDict, image_size: int, batch_size: int,
     def run(model, device) -> dict[str, Any]:
         if id(model) not in fns:
             fns[id(model)] = (jax.jit(functools.partial(train.train_step, model=model, loss_fn=loss_fn)),
-                              jax.jit(inference.make_infer_fn(model, config.maps, with_levels=True)))
+                              jax.jit(inference.make_infer_fn(model, MapSpec.from_config(config.maps))))
         step, infer = fns[id(model)]
         put = functools.partial(jax.device_put, device=device)
         new_state, metrics = step(put(state), put(teacher_vars), put(images))

@@ -29,21 +29,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # `configs` imports `configs.mvtec`
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_memory import peak_rss_bytes  # noqa: E402  (benchmarks/ is the script's folder)
 
-from rstpm_jax import inference, losses, sharding, train  # noqa: E402
+from rstpm_jax import inference, losses, sharding, teacher_cache, train  # noqa: E402
+from rstpm_jax.anomaly_maps import MapSpec  # noqa: E402
 from rstpm_jax.models.rstpm import build_model  # noqa: E402
 from rstpm_jax.ops import compile_options  # noqa: E402
-from bench_memory import peak_rss_bytes  # noqa: E402  (benchmarks/ is the script's folder)
 
 REQUIRED_KEYS = ("model", "dtype", "image_size", "batch_size", "train_images_per_s",
                  "infer_images_per_s", "flops_per_image", "peak_memory_bytes")
@@ -116,9 +119,9 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
     sharding.check_batch_size(batch_size, "train.batch_size (--batch_size)")
     mesh = sharding.make_mesh()
     n_dev = mesh.devices.size
-    model = train.create_model(config)
-    loss_fn = losses.get_loss(config.loss.name)
-    custom_conv = model.teachers.conv_fn is not None
+    model = build_model(config.model)
+    loss_fn = losses.from_config(config.loss, config.maps)
+    custom_conv = model.teachers.conv is not nn.Conv  # the fast CPU layers (rstpm_jax.ops.layers)
     t = time.perf_counter()
     state, teacher_vars = jax.jit(lambda k: train.create_train_state(k, config, model, image_size))(
         jax.random.key(seed))
@@ -156,7 +159,7 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
         f"(compile {compile_s['train']:.1f} s)")
 
     # Teachers alone (what the cache is built with) and the step with cached features.
-    teach = train.jitted_teachers(model)
+    teach = teacher_cache.jitted_teachers(model)
     teach_c, compile_s["teacher"] = compile_timed(teach, teacher_vars, images)
     t_teacher = time_calls(lambda: teach_c(teacher_vars, images), steps)
     rec["teacher_images_per_s"] = batch_size / t_teacher
@@ -171,14 +174,15 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
     t_cached = time_calls(run_cached, steps)
     rec["train_cached_step_s"] = t_cached
     rec["train_cached_images_per_s"] = batch_size / t_cached
-    rec["teacher_feature_bytes_per_image"] = train.teacher_feature_bytes(model, teacher_vars, image_size)
+    rec["teacher_feature_bytes_per_image"] = teacher_cache.feature_bytes(model, teacher_vars, image_size)
     log(f"  cached step {t_cached:.3f} s = {rec['train_cached_images_per_s']:.2f} images/s; "
         f"teachers alone {rec['teacher_images_per_s']:.2f} images/s")
 
     # Inference (final map + score) at the batch size and at batch 1.
     state = holder["state"]
     student_vars = {"params": state.params, "batch_stats": state.batch_stats}
-    infer = compile_options.jit(inference.make_infer_fn(model, config.maps, with_levels=False))
+    infer = compile_options.jit(inference.make_infer_fn(model, MapSpec.from_config(config.maps),
+                                                        with_levels=False))
     infer_c, compile_s["infer"] = compile_timed(infer, teacher_vars, student_vars, images)
     t_infer = time_calls(lambda: infer_c(teacher_vars, student_vars, images), steps)
     rec["infer_images_per_s"] = batch_size / t_infer
@@ -197,7 +201,7 @@ def measure_model(config: ml_collections.ConfigDict, *, image_size: int, batch_s
     # XLA's own convolutions (the same arithmetic), lowered only: its estimate is within ~1% of
     # the compiled program's, and compiling it would double the CPU compile time.
     if custom_conv:
-        xla_model = build_model(config.model, conv_fn=None)
+        xla_model = build_model(config.model, fast_cpu_ops=False)
         ref_c = train.compile_train_step(xla_model, loss_fn, mesh, cached=False).lower(
             holder["state"], teacher_vars, images)
         ref_cc = train.compile_train_step(xla_model, loss_fn, mesh, cached=True).lower(

@@ -19,10 +19,11 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - torch convention
 import torchvision
 from bench_memory import peak_rss_bytes  # benchmarks/ is the script's folder
 
@@ -50,7 +51,7 @@ class STFPM(torch.nn.Module):
         self.student.fc = torch.nn.Identity()
         self.teacher.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "STFPM":
+    def train(self, mode: bool = True) -> STFPM:
         super().train(mode)
         self.teacher.eval()  # BatchNorm of the teacher always in inference mode
         return self

@@ -5,6 +5,6 @@ from rstpm_jax import ablations
 
 
 def get_config():
-  config = mvtec.get_config()
-  ablations.stpm(config)
-  return config
+    config = mvtec.get_config()
+    ablations.stpm(config)
+    return config

@@ -6,7 +6,7 @@
         --output weights/resnet50.msgpack
 
 The output is ONE ``flax.serialization`` msgpack file holding ``{"params", "batch_stats"}``
-(read it with ``rstpm_jax.models.resnet.load_pretrained``, no torch needed) plus a metadata
+(read it with ``rstpm_jax.models.pretrained.load_pretrained``, no torch needed) plus a metadata
 record ``<output>.json``. torch/torchvision are imported only inside the functions that need
 them, so this module imports without the ``convert`` extra.
 """
@@ -21,9 +21,13 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import serialization, traverse_util
 
 from rstpm_jax.models import resnet
 
@@ -39,14 +43,6 @@ _LEAF_NAMES = {
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
 }
-# torchvision architectures, for naming what a state dict looks like.
-_TORCHVISION_BLOCKS = {
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
-    "resnet101": ("bottleneck", (3, 4, 23, 3)),
-    "resnet152": ("bottleneck", (3, 8, 36, 3)),
-}
 _MAX_LISTED = 10
 
 
@@ -56,8 +52,8 @@ class ConversionError(ValueError):
 
 def _import_torch() -> Any:
     try:
-        import torch
-        import torchvision  # noqa: F401 - the convert extra installs both
+        import torch  # noqa: PLC0415 (the optional convert extra)
+        import torchvision  # noqa: F401, PLC0415 - the convert extra installs both
     except ImportError as e:
         raise ConversionError(
             f"Converting torchvision weights needs torch and torchvision: {INSTALL_HINT}") from e
@@ -71,9 +67,6 @@ def _flax_name_to_torch(module: str) -> str:
 
 def expected_layout(arch: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """torchvision key -> (Flax path incl. collection, expected torchvision shape) for ``arch``."""
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
 
     model = resnet.build(arch)
     shapes = jax.eval_shape(
@@ -102,7 +95,7 @@ def guess_arch(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]] | None
             bottleneck |= m.group(3) == "conv3"
     sizes = tuple(len(blocks.get(i, ())) for i in range(1, 5))
     kind = "bottleneck" if bottleneck else "basic"
-    for name, spec in _TORCHVISION_BLOCKS.items():
+    for name, spec in resnet.ARCHS.items():
         if spec == (kind, sizes):
             wide = shapes is not None and shapes.get("layer1.0.conv1.weight", (64,))[0] == 128
             return f"wide_{name}_2" if wide and kind == "bottleneck" else name
@@ -135,10 +128,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, An
 
     Raises ConversionError naming the other architecture, missing/unexpected keys or wrong shapes.
     """
-    from flax import traverse_util
 
     if not isinstance(state_dict, Mapping):
-        raise ConversionError(f"Expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}.")
+        raise ConversionError("Expected a state dict (a mapping of names to tensors), got "
+                              f"{type(state_dict).__name__}.")
     nontensor = [k for k, v in state_dict.items() if not (hasattr(v, "shape") and hasattr(v, "dtype"))]
     if nontensor or not all(isinstance(k, str) for k in state_dict):
         raise ConversionError(
@@ -218,15 +211,14 @@ def _atomic_write(path: str, data: bytes) -> None:
 def convert_file(input: str | os.PathLike, output: str | os.PathLike, arch: str,  # noqa: A002
                  *, source_url: str | None = None) -> dict[str, Any]:
     """Convert the state dict at ``input`` into ``output`` (msgpack) + ``output.json``; returns the metadata."""
-    from flax import serialization
 
     resnet.build(arch)  # unknown arch -> ValueError before reading anything
     input, output = os.fspath(input), os.fspath(output)
     variables = convert_state_dict(load_state_dict_file(input), arch)
     _atomic_write(output, serialization.msgpack_serialize(variables))
     try:
-        import torch
-        import torchvision
+        import torch  # noqa: PLC0415 (the optional convert extra)
+        import torchvision  # noqa: PLC0415 (the optional convert extra)
         versions = {"torch_version": torch.__version__, "torchvision_version": torchvision.__version__}
     except ImportError:
         versions = {"torch_version": None, "torchvision_version": None}
@@ -238,7 +230,7 @@ def convert_file(input: str | os.PathLike, output: str | os.PathLike, arch: str,
         "source_sha256": _sha256(input),
         "output_sha256": _sha256(output),
         **versions,
-        "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     _atomic_write(output + ".json", (json.dumps(meta, indent=2) + "\n").encode())
     return meta
@@ -247,7 +239,7 @@ def convert_file(input: str | os.PathLike, output: str | os.PathLike, arch: str,
 def download(arch: str, weights: str = "IMAGENET1K_V1") -> tuple[str, str]:
     """Fetch torchvision's ``weights`` for ``arch`` into torch's hub cache; returns (file, url)."""
     torch = _import_torch()
-    import torchvision
+    import torchvision  # noqa: PLC0415 (the optional convert extra)
 
     try:
         enum = torchvision.models.get_model_weights(arch)[weights]

@@ -1,6 +1,6 @@
 """The paper's ablations as edits of a config (so a sweep keeps the user's data/train keys)."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 

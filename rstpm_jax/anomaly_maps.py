@@ -1,43 +1,38 @@
 """Anomaly maps as pure functions: per-level maps, resize, fusion, smoothing, image score.
 
-Per level the map is eq. 2's 1/2 ||t^ - s^||^2 at each position. Maps of one resolution
-from the students are added; the resolutions are then combined by the fusion rule
-(``multiply``: the paper's; ``sum``: an alternative). Register more with
-``@register_fusion``.
+Per level the map is ``maps.distance`` between teacher and student features (eq. 2's
+1/2 ||t^ - s^||^2 by default), resized to the input size. A fusion rule (``maps.fusion``)
+turns ``{student: {level: (B, H, W)}}`` into the final ``(B, H, W)`` map: the paper's
+``multiply`` adds the students' maps of each resolution, then multiplies the resolutions.
+Register more with ``@register_fusion("name")``; ``maps.kwargs`` are passed to the rule.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from rstpm_jax.losses import Pairs, distance_map
+from rstpm_jax import distances
+from rstpm_jax.levels import sum_over_students
+from rstpm_jax.registry import Bound, Registry
 
 Array = jax.Array
 LevelMaps = dict[str, dict[str, Array]]
-FusionFn = Callable[[Mapping[str, Array]], Array]
+Pairs = Mapping[str, Mapping[str, tuple[Array, Array]]]
+FusionFn = Callable[..., Array]
 
-_FUSIONS: dict[str, FusionFn] = {}
-
-
-def register_fusion(name: str) -> Callable[[FusionFn], FusionFn]:
-    def wrap(fn: FusionFn) -> FusionFn:
-        _FUSIONS[name] = fn
-        return fn
-    return wrap
+FUSIONS = Registry("fusion rule", "maps.fusion")
+register_fusion = FUSIONS.register
 
 
-def get_fusion(name: str) -> FusionFn:
-    if name not in _FUSIONS:
-        raise ValueError(f"Unknown maps.fusion {name!r}; registered: {sorted(_FUSIONS)}.")
-    return _FUSIONS[name]
-
-
-def level_maps(pairs: Pairs) -> LevelMaps:
+def level_maps(pairs: Pairs, distance: Callable[[Array, Array], Array] = distances.distance_map
+               ) -> LevelMaps:
     """``{student: {level: (B, h, w)}}`` at each level's own resolution."""
-    return {student: {lvl: distance_map(t, s) for lvl, (t, s) in levels.items()}
+    return {student: {lvl: distance(t, s) for lvl, (t, s) in levels.items()}
             for student, levels in pairs.items()}
 
 
@@ -50,28 +45,20 @@ def resize_levels(maps: LevelMaps, size: tuple[int, int]) -> LevelMaps:
     return {s: {lvl: resize(m, size) for lvl, m in levels.items()} for s, levels in maps.items()}
 
 
-def add_students(maps: LevelMaps) -> dict[str, Array]:
-    """Same-resolution maps of all students added: ``{level: (B, H, W)}``."""
-    out: dict[str, Array] = {}
-    for levels in maps.values():
-        for lvl, m in levels.items():
-            out[lvl] = out[lvl] + m if lvl in out else m
-    return out
-
-
 @register_fusion("multiply")
-def multiply_levels(per_level: Mapping[str, Array]) -> Array:
-    """The paper's rule: product over resolutions."""
-    maps = list(per_level.values())
-    out = maps[0]
-    for m in maps[1:]:
+def multiply_levels(maps: Mapping[str, Mapping[str, Array]]) -> Array:
+    """The paper's rule: students added per resolution, then the product over resolutions."""
+    per_level = list(sum_over_students(maps).values())
+    out = per_level[0]
+    for m in per_level[1:]:
         out = out * m
     return out
 
 
 @register_fusion("sum")
-def sum_levels(per_level: Mapping[str, Array]) -> Array:
-    return sum(per_level.values())
+def sum_levels(maps: Mapping[str, Mapping[str, Array]]) -> Array:
+    """Every map of every student and resolution added."""
+    return sum(sum_over_students(maps).values())
 
 
 def gaussian_smooth(maps: Array, sigma: float) -> Array:
@@ -99,9 +86,22 @@ def image_score(final_map: Array) -> Array:
     return jnp.max(final_map, axis=(1, 2))
 
 
-def anomaly_maps(pairs: Pairs, size: tuple[int, int], fusion: str = "multiply",
-                 sigma: float = 0.0) -> tuple[Array, LevelMaps]:
+@dataclasses.dataclass(frozen=True)
+class MapSpec:
+    """How maps are made: the distance, the fusion rule (both bound) and the smoothing sigma."""
+
+    fusion: Bound
+    distance: Bound
+    sigma: float = 0.0
+
+    @classmethod
+    def from_config(cls, maps_cfg: Any) -> MapSpec:
+        return cls(FUSIONS.bind(str(maps_cfg.fusion), maps_cfg.get("kwargs")),
+                   distances.from_config(maps_cfg), float(maps_cfg.smoothing_sigma))
+
+
+def anomaly_maps(pairs: Pairs, size: tuple[int, int], spec: MapSpec) -> tuple[Array, LevelMaps]:
     """Final (B, H, W) map and the per-level maps resized to ``size``."""
-    per_level = resize_levels(level_maps(pairs), size)
-    final = gaussian_smooth(get_fusion(fusion)(add_students(per_level)), sigma)
+    per_level = resize_levels(level_maps(pairs, spec.distance), size)
+    final = gaussian_smooth(spec.fusion(per_level), spec.sigma)
     return final, per_level

@@ -10,8 +10,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rstpm_jax.models import resnet
-from rstpm_jax.models.rstpm import RSTPM
+from rstpm_jax.models import pretrained
 
 
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -48,7 +47,7 @@ def load_variables(directory: str, abstract: Any) -> Any:
         return ckptr.restore(os.path.abspath(directory), target)
 
 
-def teacher_variables(model: RSTPM, model_cfg: ml_collections.ConfigDict, random_vars: dict) -> dict:
+def teacher_variables(model_cfg: ml_collections.ConfigDict, random_vars: dict) -> dict:
     """Teacher variables: converted torchvision weights, or ``random_vars`` if allowed.
 
     ``random_vars`` is the randomly initialised teacher tree; its structure is the target.
@@ -72,9 +71,9 @@ def teacher_variables(model: RSTPM, model_cfg: ml_collections.ConfigDict, random
                 f"pretrained_conversion.convert_torchvision --arch {arch} --download --output {path}` "
                 f"(or --input STATE_DICT.pth offline), or set --config.model.random_teachers=True for "
                 f"a demo.")
-        full = resnet.load_pretrained(path)
+        full = pretrained.load_pretrained(path)
         depth = sum(1 for k in random_vars["params"][name] if k.startswith("layer") and k.endswith("_0"))
-        loaded = resnet.truncate_variables(full, depth)
+        loaded = pretrained.truncate_variables(full, depth)
         _check_same_structure(random_vars, name, loaded, path, key)
         params[name], stats[name] = loaded["params"], loaded["batch_stats"]
     return {"params": params, "batch_stats": stats}

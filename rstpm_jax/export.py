@@ -15,7 +15,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,20 +32,22 @@ def export_category(workdir: str, category: str, platforms: Sequence[str] = DEFA
                     pixel_threshold: float | None = None) -> tuple[jax.export.Exported, dict]:
     """Trace and lower the trained ``category``'s inference function; returns it and its metadata."""
     import jax.numpy as jnp  # noqa: PLC0415
-    from rstpm_jax import evaluate, predict, sharding  # noqa: PLC0415
-    from rstpm_jax.data.input_pipeline import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
+
+    from rstpm_jax import predict, sharding  # noqa: PLC0415
+    from rstpm_jax import workdir as workdir_lib  # noqa: PLC0415
+    from rstpm_jax.anomaly_maps import MapSpec  # noqa: PLC0415
+    from rstpm_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
     from rstpm_jax.inference import make_infer_fn  # noqa: PLC0415
-    from rstpm_jax.models.rstpm import build_model  # noqa: PLC0415
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    predict._check_trained(workdir, category)
-    config = evaluate.load_config(workdir)
+    workdir_lib.check_trained(workdir, category)
+    config = workdir_lib.load_config(workdir)
     thresholds = predict.resolve_thresholds(workdir, category, image_threshold, pixel_threshold)
-    _, teacher_vars, student_vars = evaluate.load_trained(config, workdir, category,
-                                                          sharding.make_mesh())
+    # flax's own layers: portable across platforms and free of custom gradients.
+    model, teacher_vars, student_vars = workdir_lib.load_trained(
+        config, workdir, category, sharding.make_mesh(), fast_cpu_ops=False)
     teacher_vars, student_vars = jax.device_get((teacher_vars, student_vars))  # NumPy constants
-    model = build_model(config.model)  # XLA's own convolutions: portable across platforms
-    infer = make_infer_fn(model, config.maps, with_levels=False)
+    infer = make_infer_fn(model, MapSpec.from_config(config.maps), with_levels=False)
 
     def fn(images):
         return infer(teacher_vars, student_vars, images)

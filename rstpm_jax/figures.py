@@ -11,15 +11,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+from rstpm_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from rstpm_jax.levels import SUM, sum_over_students
+
 CMAP = "jet"
 
 
@@ -122,10 +123,9 @@ def level_maps_figure(path: str | os.PathLike, image: np.ndarray,
     rows = {s: dict(levels) for s, levels in level_maps.items()}
     if not rows:
         raise ValueError("level_maps_figure: level_maps is empty.")
-    levels = list(dict.fromkeys(l for lv in rows.values() for l in lv))
+    levels = list(dict.fromkeys(lvl for lv in rows.values() for lvl in lv))
     if len(rows) > 1:
-        rows["sum"] = {l: sum(np.asarray(lv[l], np.float32) for lv in rows.values() if l in lv)
-                       for l in levels}
+        rows[SUM] = {lvl: np.asarray(m, np.float32) for lvl, m in sum_over_students(level_maps).items()}
     fig = Figure(figsize=(2.4 * (len(levels) + 2), 2.4 * len(rows)), dpi=80)
     axes = fig.subplots(len(rows), len(levels) + 2, squeeze=False)
     img = _as_display(image)
@@ -202,7 +202,7 @@ def attention_figure(path: str | os.PathLike, image: np.ndarray,
     """One image's attention maps (values in [0, 1]): a row per student, a column per level."""
     if not attention:
         raise ValueError("attention_figure: no attention maps given.")
-    levels = list(dict.fromkeys(l for lv in attention.values() for l in lv))
+    levels = list(dict.fromkeys(lvl for lv in attention.values() for lvl in lv))
     fig = Figure(figsize=(2.4 * (len(levels) + 1), 2.4 * len(attention)), dpi=80)
     axes = fig.subplots(len(attention), len(levels) + 1, squeeze=False)
     img = _as_display(image)

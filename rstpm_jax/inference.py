@@ -1,35 +1,51 @@
 """The inference function: images -> final anomaly map, image score and per-level maps.
 
-Shared by evaluation, the predict CLI and the ``jax.export`` artifact. No TensorFlow.
+Shared by evaluation, the predict CLI and the exported artifacts. No TensorFlow.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import ml_collections
 
-from rstpm_jax import anomaly_maps
-from rstpm_jax.models.rstpm import RSTPM, feature_pairs
+from rstpm_jax import anomaly_maps, sharding
+from rstpm_jax.anomaly_maps import MapSpec
+from rstpm_jax.models.rstpm import RSTPM, attention_maps, feature_pairs
+from rstpm_jax.ops import compile_options
 
 Array = jax.Array
+InferFn = Callable[[Any, Any, Array], dict[str, Any]]
 
 
-def make_infer_fn(model: RSTPM, maps_cfg: ml_collections.ConfigDict,
-                  with_levels: bool = True) -> Callable[[Any, Any, Array], dict[str, Any]]:
-    """``fn(teacher_vars, student_vars, images) -> {"map", "score"[, "levels"]}`` (pure, jittable)."""
-    fusion, sigma = str(maps_cfg.fusion), float(maps_cfg.smoothing_sigma)
-    anomaly_maps.get_fusion(fusion)
+def make_infer_fn(model: RSTPM, spec: MapSpec, with_levels: bool = True,
+                  with_attention: bool = False) -> InferFn:
+    """``fn(teacher_vars, student_vars, images) -> {"map", "score"[, "levels"][, "attention"]}``
+    (pure, jittable); ``attention`` needs a model with gates."""
 
     def infer(teacher_vars: Any, student_vars: Any, images: Array) -> dict[str, Any]:
         teacher = model.teacher_features(teacher_vars, images)
-        student, _ = model.student_features(student_vars, images, teacher, train=False)
-        final, levels = anomaly_maps.anomaly_maps(feature_pairs(teacher, student), images.shape[1:3],
-                                                  fusion, sigma)
+        student, sown = model.student_features(student_vars, images, teacher, train=False,
+                                               capture_attention=with_attention)
+        final, levels = anomaly_maps.anomaly_maps(feature_pairs(teacher, student),
+                                                  images.shape[1:3], spec)
         out = {"map": final, "score": anomaly_maps.image_score(final)}
         if with_levels:
             out["levels"] = levels
+        if with_attention:
+            out["attention"] = attention_maps(sown["intermediates"])
         return out
 
     return infer
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_infer(model: RSTPM, spec: MapSpec, mesh: jax.sharding.Mesh, with_levels: bool = True,
+                   with_attention: bool = False) -> Callable:
+    """:func:`make_infer_fn` jitted over ``mesh``: variables replicated, images and outputs
+    batch-sharded (memoised, so every category of a run shares one compiled function)."""
+    repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    return compile_options.jit(make_infer_fn(model, spec, with_levels, with_attention),
+                               in_shardings=(repl, repl, batch), out_shardings=batch)

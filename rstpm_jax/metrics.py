@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import warnings
 from bisect import bisect
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+
+from rstpm_jax.levels import SUM, sum_over_students
 
 LevelMaps = Mapping[str, Mapping[str, np.ndarray]]
 
@@ -360,19 +362,18 @@ class MetricsAccumulator:
         """``{"student/level": map}`` plus the derived ``"sum/level"`` maps, validated."""
         if not level_maps:
             raise ValueError("level_maps was given on an earlier update(); pass it on every call.")
-        maps: dict[str, np.ndarray] = {}
-        sums: dict[str, np.ndarray] = {}
+        checked: dict[str, dict[str, np.ndarray]] = {}
         for student, levels in level_maps.items():
-            if student == "sum":
-                raise ValueError("'sum' is derived from the students' maps; do not pass it in level_maps.")
+            if student == SUM:
+                raise ValueError(f"{SUM!r} is derived from the students' maps; do not pass it in level_maps.")
             for level, m in levels.items():
                 m = _as_maps(m, f"level_maps[{student!r}][{level!r}]")
                 if m.shape != shape:
                     raise ValueError(f"level_maps[{student!r}][{level!r}] has shape {m.shape}; expected "
                                      f"{shape} (resize the per-level maps to the final map's size).")
-                maps[f"{student}/{level}"] = m
-                sums[level] = sums[level] + m if level in sums else m.copy()
-        maps.update({f"sum/{level}": m for level, m in sums.items()})
+                checked.setdefault(student, {})[level] = m
+        maps = {f"{student}/{level}": m for student, levels in checked.items() for level, m in levels.items()}
+        maps.update({f"{SUM}/{level}": m for level, m in sum_over_students(checked).items()})
         if self._levels is not None and set(maps) != set(self._levels):
             raise ValueError(f"level_maps entries {sorted(maps)} differ from the first update's "
                              f"{sorted(self._levels)}.")

@@ -7,10 +7,9 @@ image AUROC only as the mean over the 15 MVTec AD categories (Table 2), and no A
 
 from __future__ import annotations
 
-TEXTURES: tuple[str, ...] = ("carpet", "grid", "leather", "tile", "wood")
-OBJECTS: tuple[str, ...] = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
-                            "screw", "toothbrush", "transistor", "zipper")
-MVTEC_CATEGORIES: tuple[str, ...] = TEXTURES + OBJECTS
+from rstpm_jax.data.mvtec import OBJECTS, TEXTURES
+
+MVTEC_CATEGORIES: tuple[str, ...] = TEXTURES + OBJECTS  # the paper's order
 
 # Table 1: pixel-level AUROC per category, (STPM, Ours).
 _TABLE1 = {
@@ -51,8 +50,6 @@ PER_RESOLUTION: dict[str, dict[str, dict[str, float]]] = {
         "rstpm": {"layer1": 0.858, "layer2": 0.951, "layer3": 0.953, "final": 0.969},
     },
 }
-LEVEL_FRACTIONS: dict[str, str] = {"layer1": "1/4", "layer2": "1/8", "layer3": "1/16"}
-
 # Tables 4 (teachers) and 5 (attention): mean (pixel AUROC, image AUROC), keyed by the
 # config name (configs/*.py `config.name`) of the model the column describes.
 ABLATIONS: dict[str, dict[str, float]] = {

@@ -32,13 +32,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from rstpm_jax.data import input_pipeline
+from rstpm_jax import workdir as workdir_lib
+from rstpm_jax.data import preprocess as preprocessing
 from rstpm_jax.data.mvtec import read_rgb
 
 MAP_FULL_SCALE = 16.0  # 16-bit maps saturate at this multiple of the pixel threshold
@@ -92,7 +94,7 @@ def output_names(files: Sequence[str]) -> list[str]:
 
 def preprocess(rgb: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """HxWx3 uint8 -> (h, w, 3) float32, exactly as the input pipeline preprocesses."""
-    return input_pipeline.preprocess_rgb(rgb, image_size)
+    return preprocessing.preprocess_rgb(rgb, image_size)
 
 
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -149,38 +151,25 @@ def resolve_thresholds(workdir: str, category: str, image_threshold: float | Non
 
 # ----------------------------------------------------------------------------- model
 
-def _check_trained(workdir: str, category: str) -> None:
-    """A clear error when the workdir holds no trained ``category`` (lists what it holds)."""
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-        from rstpm_jax import evaluate  # noqa: PLC0415
-        evaluate.load_config(workdir)  # raises, naming what the folder holds
-    if not os.path.isdir(os.path.join(workdir, category, "checkpoints")):
-        held = sorted(d for d in os.listdir(workdir)
-                      if os.path.isdir(os.path.join(workdir, d, "checkpoints")))
-        raise FileNotFoundError(f"No trained model for category {category!r} in {workdir} (trained "
-                                f"categories there: {held or 'none'}). Train it first or fix --category.")
-
-
 class Predictor:
     """A trained category's inference function over fixed-size padded batches."""
 
     def __init__(self, workdir: str, category: str, batch_size: int = 8):
         import jax  # noqa: PLC0415
-        from rstpm_jax import evaluate, sharding  # noqa: PLC0415
-        from rstpm_jax.inference import make_infer_fn  # noqa: PLC0415
-        from rstpm_jax.ops import compile_options  # noqa: PLC0415
+
+        from rstpm_jax import sharding  # noqa: PLC0415
+        from rstpm_jax.anomaly_maps import MapSpec  # noqa: PLC0415
+        from rstpm_jax.inference import compiled_infer  # noqa: PLC0415
 
         workdir = os.path.abspath(os.path.expanduser(workdir))
-        self.config = evaluate.load_config(workdir)
+        self.config = workdir_lib.load_config(workdir)
         self.image_size = (int(self.config.data.image_size),) * 2
         mesh = sharding.make_mesh()
         n_dev = jax.device_count()
         self.batch_size = -(-max(1, int(batch_size)) // n_dev) * n_dev  # a multiple of the devices
-        model, self.teacher_vars, self.student_vars = evaluate.load_trained(
+        model, self.teacher_vars, self.student_vars = workdir_lib.load_trained(
             self.config, workdir, category, mesh)
-        repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        self._fn = compile_options.jit(make_infer_fn(model, self.config.maps, with_levels=False),
-                                       in_shardings=(repl, repl, batch), out_shardings=batch)
+        self._fn = compiled_infer(model, MapSpec.from_config(self.config.maps), mesh, with_levels=False)
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, h, w, 3) normalised images, n <= batch_size -> maps (n, h, w), scores (n,)."""
@@ -240,7 +229,7 @@ def predict(workdir: str, category: str, inputs: str, output: str, *,
     if map_format not in MAP_FORMATS:
         raise ValueError(f"--map_format must be one of {MAP_FORMATS}, got {map_format!r}.")
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    _check_trained(workdir, category)
+    workdir_lib.check_trained(workdir, category)
     files = list_inputs(inputs)
     thresholds = resolve_thresholds(workdir, category, image_threshold, pixel_threshold)
     model = Predictor(workdir, category, batch_size)

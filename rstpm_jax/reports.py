@@ -11,14 +11,16 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from rstpm_jax import paper_results as paper
+from rstpm_jax.levels import COMPARED as LEVELS
+from rstpm_jax.levels import FRACTIONS
 
-LEVELS = ("layer1", "layer2", "layer3")
 MISSING = "–"
 
 
@@ -200,17 +202,17 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
                      f"binning error bound is {worst:.1e}.")
 
     # Table 3: per resolution, from the same-resolution fused maps ("sum" of the students).
-    lvl_header = (["group", "category"] + [f"pixel {paper.LEVEL_FRACTIONS[l]}" for l in LEVELS]
-                  + ["pixel multi"] + [f"image {paper.LEVEL_FRACTIONS[l]}" for l in LEVELS] + ["image multi"])
-    lvl_keys = ([f"per_level/sum/{l}/pixel_auroc" for l in LEVELS] + ["pixel_auroc"]
-                + [f"per_level/sum/{l}/image_auroc" for l in LEVELS] + ["image_auroc"])
+    lvl_header = (["group", "category"] + [f"pixel {FRACTIONS[lvl]}" for lvl in LEVELS]
+                  + ["pixel multi"] + [f"image {FRACTIONS[lvl]}" for lvl in LEVELS] + ["image multi"])
+    lvl_keys = ([f"per_level/sum/{lvl}/pixel_auroc" for lvl in LEVELS] + ["pixel_auroc"]
+                + [f"per_level/sum/{lvl}/image_auroc" for lvl in LEVELS] + ["image_auroc"])
     has_levels = any(k in r for r in rows for k in lvl_keys[:3])
     lvl_body = [[paper.category_group(r["category"]), r["category"]] + [_fmt(_value(r, k)) for k in lvl_keys]
                 for r in rows]
     lvl_body.append(["", f"**mean ({len(rows)})**"] + [_fmt(mean.get(k)) for k in lvl_keys])
     for model, name in (("rstpm", "paper RSTPM (mean of 15)"), ("stpm", "paper STPM (mean of 15)")):
-        vals = [paper.PER_RESOLUTION[m][model][l] for m in ("pixel_auroc", "image_auroc")
-                for l in (*LEVELS, "final")]
+        vals = [paper.PER_RESOLUTION[m][model][lvl] for m in ("pixel_auroc", "image_auroc")
+                for lvl in (*LEVELS, "final")]
         lvl_body.append(["", name] + [_fmt(v) for v in vals])
 
     md = [f"# {title}", ""]

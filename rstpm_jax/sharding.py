@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 # Environment variables that mean "this process is one of several" on common clusters.
@@ -85,15 +86,6 @@ def to_global(local: Any, mesh: Mesh) -> Any:
     """Host-local NumPy batch (leading axis = this host's part) -> global batch-sharded arrays."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
-
-
-def to_host_local(tree: Any, mesh: Mesh) -> Any:
-    """Global batch-sharded arrays -> this host's part as NumPy (inverse of ``to_global``)."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, tree)
-    local = multihost_utils.global_array_to_host_local_array(
-        tree, mesh, jax.tree.map(lambda _: P(DATA_AXIS), tree))
-    return jax.tree.map(np.asarray, local)
 
 
 def gather_to_all(tree: Any) -> Any:

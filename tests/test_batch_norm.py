@@ -1,4 +1,4 @@
-"""``resnet.BatchNorm`` / ``ops.batch_norm``: flax's BatchNorm numbers with a closed-form gradient."""
+"""``ops.layers.BatchNorm`` / ``ops.batch_norm``: flax's BatchNorm numbers with a closed-form gradient."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rstpm_jax.models.resnet import BatchNorm
+from rstpm_jax.models import layers as model_layers
 from rstpm_jax.ops.batch_norm import batch_norm_train, channel_sum
+from rstpm_jax.ops.layers import BatchNorm
 
 
 def _flax(train: bool, dtype=jnp.float32) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        use_fast_variance=False, dtype=dtype)
+    """The models' default norm: flax's own BatchNorm with torch's settings."""
+    bn = model_layers.BatchNorm(use_running_average=not train, dtype=dtype)
+    assert (bn.momentum, bn.epsilon, bn.use_fast_variance) == (0.9, 1e-5, False)
+    return bn
 
 
 def _variables(rng, c):

@@ -118,8 +118,11 @@ def test_torch_reference_matches_jax_stpm(get_config):
 
     sys.path.insert(0, os.path.join(th.REPO, "benchmarks"))
     import torch_stfpm
+
     from pretrained_conversion import convert_torchvision as ct
-    from rstpm_jax import inference, losses, train
+    from rstpm_jax import inference, losses, train, workdir
+    from rstpm_jax import state as state_lib
+    from rstpm_jax.anomaly_maps import MapSpec
     from rstpm_jax.ops import compile_options  # the options inference runs with
 
     torch.manual_seed(0)
@@ -130,7 +133,7 @@ def test_torch_reference_matches_jax_stpm(get_config):
     s_vars = ct.convert_state_dict({k: v for k, v in s_sd.items() if k in full}, "resnet18")
 
     config = get_config("stpm")
-    model = train.create_model(config)
+    model = workdir.create_model(config)
     drop = lambda tree: {k: v for k, v in tree.items() if not k.startswith("layer4")}  # noqa: E731
     teacher_vars = {c: {"teacher1": drop(t_vars[c])} for c in ("params", "batch_stats")}
     params = {"student1": drop(s_vars["params"])}
@@ -138,14 +141,14 @@ def test_torch_reference_matches_jax_stpm(get_config):
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), (1, 64, 64, 3)))
     assert jax.tree.map(np.shape, (teacher_vars, {"params": params, "batch_stats": stats})) == \
         jax.tree.map(lambda a: a.shape, shapes)
-    state = train.TrainState.create(apply_fn=model.students.apply, params=params, batch_stats=stats,
-                                    tx=train.make_optimizer(config.train))
+    state = state_lib.TrainState.create(apply_fn=model.students.apply, params=params, batch_stats=stats,
+                                        tx=state_lib.make_optimizer(config.train))
 
     x = np.random.default_rng(0).standard_normal((BATCH, 3, 64, 64)).astype(np.float32)
     x_nhwc = x.transpose(0, 2, 3, 1)
     # Inference first (both students still hold their initial running statistics).
     t_map, t_score = torch_stfpm.infer(ref, torch.from_numpy(x))
-    out = compile_options.jit(inference.make_infer_fn(model, config.maps, with_levels=False))(
+    out = compile_options.jit(inference.make_infer_fn(model, MapSpec.from_config(config.maps), with_levels=False))(
         teacher_vars, {"params": params, "batch_stats": stats}, x_nhwc)
     np.testing.assert_allclose(np.asarray(out["map"]), t_map.numpy(), rtol=2e-3, atol=1e-9)
     np.testing.assert_allclose(np.asarray(out["score"]), t_score.numpy(), rtol=2e-3)
@@ -153,7 +156,7 @@ def test_torch_reference_matches_jax_stpm(get_config):
     opt = torch_stfpm.make_optimizer(ref)
     t_loss = float(torch_stfpm.train_step(ref, opt, torch.from_numpy(x)))
     step = compile_options.jit(lambda s, t, im: train.train_step(s, t, im, model=model,
-                                                                  loss_fn=losses.get_loss("paper")))
+                                                                  loss_fn=losses.from_config(config.loss, config.maps)))
     new_state, metrics = step(state, teacher_vars, x_nhwc)
     assert float(metrics["loss"]) == pytest.approx(t_loss, rel=1e-4)
     t_new = ct.convert_state_dict({k: v for k, v in {**full, **ref.student.state_dict()}.items()

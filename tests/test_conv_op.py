@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 from rstpm_jax.models import resnet
-from rstpm_jax.ops import compile_options, conv
+from rstpm_jax.ops import compile_options, conv, layers
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -145,23 +145,17 @@ def test_fast_path_taken_and_fallthrough_identical():
         np.testing.assert_array_equal(np.asarray(ours(lhs, w)), np.asarray(ref))
 
 
-def test_platform_conv():
-    expected = conv.conv_general_dilated if jax.default_backend() == "cpu" else None
-    assert conv.platform_conv() is expected
-
-
 class _Block(nn.Module):
-    """Stem conv, a strided 3x3 and a strided 1x1 (ResNet's downsample), with conv_fn."""
+    """Stem conv, a strided 3x3 and a strided 1x1 (ResNet's downsample), with ``conv``."""
 
-    conv_fn: object = None
+    conv: object = nn.Conv
     dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        layer = lambda *a, **k: resnet.conv_layer(*a, dtype=self.dtype,  # noqa: E731
-                                                  conv_fn=self.conv_fn, **k)
-        y = nn.relu(layer(8, 7, 2, name="stem")(x))
-        return layer(16, 3, 2, name="c3")(y) + layer(16, 1, 2, name="down")(y)
+        layer = resnet.torch_conv(self.conv, self.dtype)
+        y = nn.relu(layer(8, (7, 7), 2, padding=3, name="stem")(x))
+        return layer(16, (3, 3), 2, padding=1, name="c3")(y) + layer(16, (1, 1), 2, padding=0, name="down")(y)
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +167,9 @@ def block_setup():
     return x, params
 
 
-def _block_grads(conv_fn, dtype, x, params):
+def _block_grads(conv_cls, dtype, x, params):
     def loss(p, x):
-        y = _Block(conv_fn, dtype).apply({"params": p}, x)
+        y = _Block(conv_cls, dtype).apply({"params": p}, x)
         return jnp.mean(jnp.square(y.astype(jnp.float32) - 0.3))
     return jax.jit(jax.grad(loss, (0, 1)))(params, x)
 
@@ -183,15 +177,15 @@ def _block_grads(conv_fn, dtype, x, params):
 @pytest.fixture(scope="module")
 def f32_grads(block_setup):
     """Gradients of the block with XLA's float32 convolutions (the reference)."""
-    return _block_grads(None, jnp.float32, *block_setup)
+    return _block_grads(nn.Conv, jnp.float32, *block_setup)
 
 
 def test_flax_conv_with_custom_fn_matches_default(block_setup, f32_grads, weight_grad_path):
     x, params = block_setup
     y_ref = jax.jit(_Block().apply)({"params": params}, x)
-    y = jax.jit(_Block(conv.conv_general_dilated).apply)({"params": params}, x)
+    y = jax.jit(_Block(layers.Conv).apply)({"params": params}, x)
     _close(y, y_ref)
-    ours = _block_grads(conv.conv_general_dilated, jnp.float32, x, params)
+    ours = _block_grads(layers.Conv, jnp.float32, x, params)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(f32_grads)):
         _close(a, b)
 
@@ -200,8 +194,8 @@ def test_bfloat16(block_setup, f32_grads, weight_grad_path):
     """bf16 compute: gradients in f32 params' dtype, as close to f32 as XLA's own bf16 path."""
     x, params = block_setup
     ref = f32_grads
-    xla_bf16 = _block_grads(None, jnp.bfloat16, x, params)
-    ours = _block_grads(conv.conv_general_dilated, jnp.bfloat16, x, params)
+    xla_bf16 = _block_grads(nn.Conv, jnp.bfloat16, x, params)
+    ours = _block_grads(layers.Conv, jnp.bfloat16, x, params)
     for a, b, c, p in zip(*(jax.tree.leaves(t) for t in (ours[0], ref[0], xla_bf16[0], params))):
         assert a.dtype == p.dtype == jnp.float32
         assert _rel_norm_err(a, b) < max(2e-2, 1.5 * _rel_norm_err(c, b))
@@ -231,12 +225,12 @@ TRANSPOSE_CASES = [
 @pytest.mark.parametrize("shape,features,k,stride", TRANSPOSE_CASES)
 def test_conv_transpose_layer_matches_flax_conv_transpose(shape, features, k, stride,
                                                           weight_grad_path):
-    """resnet.conv_transpose_layer through the op (input-dilated conv, custom weight gradient)
-    has nn.ConvTranspose's variables, output and gradients."""
+    """ops.layers.ConvTranspose (an input-dilated conv with a custom weight gradient) has
+    nn.ConvTranspose's variables, output and gradients."""
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     ref = nn.ConvTranspose(features, (k, k), strides=(stride, stride), padding="SAME", use_bias=False)
-    ours = resnet.conv_transpose_layer(features, k, stride, conv_fn=conv.conv_general_dilated)
+    ours = layers.ConvTranspose(features, (k, k), (stride, stride), use_bias=False)
     variables = ref.init(jax.random.key(0), x)
     assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x))
             == jax.tree.map(jnp.shape, variables))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from pretrained_conversion import convert_torchvision as ct  # noqa: E402
-from rstpm_jax.models import resnet  # noqa: E402
+from rstpm_jax.models import pretrained, resnet  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVELS = ("layer1", "layer2", "layer3", "layer4")
@@ -96,7 +95,7 @@ def converted(tmp_path_factory):
         else:
             ct.convert_file(src, dst, arch)
         out[arch] = {"model": model, "src": src, "dst": dst,
-                     "variables": resnet.load_pretrained(dst, arch=arch)}
+                     "variables": pretrained.load_pretrained(dst, arch=arch)}
     return out
 
 
@@ -139,7 +138,7 @@ def test_bfloat16_close_to_float32(converted):
 
 def test_metadata_record(converted):
     c = converted["resnet18"]
-    meta = resnet.read_metadata(c["dst"])
+    meta = pretrained.read_metadata(c["dst"])
     assert meta["arch"] == "resnet18"
     assert meta["source_file"] == os.path.abspath(c["src"])
     for key, path in (("source_sha256", c["src"]), ("output_sha256", c["dst"])):
@@ -245,19 +244,20 @@ def test_corrupt_msgpack(converted, tmp_path):
         path = tmp_path / f"{name}.msgpack"
         path.write_bytes(payload)
         with pytest.raises(ValueError, match=f"{path} is not a readable converted weight file"):
-            resnet.load_pretrained(path)
+            pretrained.load_pretrained(path)
 
 
 def test_load_pretrained_checks_arch(converted, tmp_path):
     dst = converted["resnet18"]["dst"]
     with pytest.raises(ValueError, match="holds resnet18 weights"):
-        resnet.load_pretrained(dst, arch="resnet50")
+        pretrained.load_pretrained(dst, arch="resnet50")
     bare = tmp_path / "no_metadata.msgpack"  # without the .json record the tree itself is checked
     bare.write_bytes(open(dst, "rb").read())
-    with pytest.raises(ValueError, match=r"does not hold resnet50 weights: .*missing variable.*layer1_0/bn3.*wrong shape"):
-        resnet.load_pretrained(bare, arch="resnet50")
+    with pytest.raises(ValueError,
+                       match=r"does not hold resnet50 weights: .*missing variable.*layer1_0/bn3.*wrong shape"):
+        pretrained.load_pretrained(bare, arch="resnet50")
     with pytest.raises(FileNotFoundError, match="convert_torchvision"):
-        resnet.load_pretrained(tmp_path / "absent.msgpack")
+        pretrained.load_pretrained(tmp_path / "absent.msgpack")
 
 
 def test_download_offline_error(monkeypatch, tmp_path):
@@ -275,8 +275,8 @@ def test_without_torch(converted, tmp_path):
 import sys
 sys.modules["torch"] = None; sys.modules["torchvision"] = None
 from pretrained_conversion import convert_torchvision as ct
-from rstpm_jax.models import resnet
-v = resnet.load_pretrained({converted['resnet18']['dst']!r}, arch="resnet18")
+from rstpm_jax.models import pretrained
+v = pretrained.load_pretrained({converted['resnet18']['dst']!r}, arch="resnet18")
 assert v["params"]["conv1"]["kernel"].shape == (7, 7, 3, 64)
 try:
     ct.convert_file({converted['resnet18']['src']!r}, {str(tmp_path / 'o.msgpack')!r}, "resnet18")

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from rstpm_jax.data import input_pipeline as ip
-from rstpm_jax.data import mvtec, synthetic
+from rstpm_jax.data import mvtec, preprocess, synthetic
 
-STD_LEVEL = 1.0 / 255 / ip.IMAGENET_STD.min()  # one grey level after normalisation
+STD_LEVEL = 1.0 / 255 / preprocess.IMAGENET_STD.min()  # one grey level after normalisation
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def _files_digest(folder):
 
 
 def _to_uint8(images):
-    return np.round((images * ip.IMAGENET_STD + ip.IMAGENET_MEAN) * 255).astype(np.int32)
+    return np.round((images * preprocess.IMAGENET_STD + preprocess.IMAGENET_MEAN) * 255).astype(np.int32)
 
 
 def _collect(batches):
@@ -175,15 +175,15 @@ def test_normalisation_and_pil_parity(root):
     images, idx = ip.load_images(root, "button", "train", image_size=128, holdout_fraction=0.1, seed=0,
                                  process_index=0, process_count=1)
     np.testing.assert_array_equal(idx, np.arange(len(files)))
-    expected = ((raw / 255 - ip.IMAGENET_MEAN) / ip.IMAGENET_STD).mean(axis=(0, 1, 2))
+    expected = ((raw / 255 - preprocess.IMAGENET_MEAN) / preprocess.IMAGENET_STD).mean(axis=(0, 1, 2))
     np.testing.assert_allclose(images.astype(np.float64).mean(axis=(0, 1, 2)), expected, atol=1e-5)
-    np.testing.assert_allclose(images[3], ip.load_image_file(files[3].path, 128), atol=1e-5)
+    np.testing.assert_allclose(images[3], preprocess.load_image_file(files[3].path, 128), atol=1e-5)
     # resized: TF (pipeline) and PIL (inference) agree within one grey level
     small, _ = ip.load_images(root, "button", "train", image_size=(48, 80), holdout_fraction=0.1,
                               seed=0, process_index=0, process_count=1)
     assert small.shape[1:] == (48, 80, 3) and small.dtype == np.float32
     for k in (0, 7):
-        ref = ip.load_image_file(files[k].path, (48, 80))
+        ref = preprocess.load_image_file(files[k].path, (48, 80))
         assert np.abs(small[k] - ref).max() <= STD_LEVEL + 1e-4
 
 
@@ -253,7 +253,7 @@ def test_train_order_depends_only_on_seed_and_epoch(root):
         np.testing.assert_array_equal(x["image"], y["image"])
     # the image is the file at that index
     files = ip._items(root, "fabric", "train", 0.1, 0)
-    np.testing.assert_allclose(a[0]["image"][0], ip.load_image_file(files[a[0]["index"][0]].path, 32),
+    np.testing.assert_allclose(a[0]["image"][0], preprocess.load_image_file(files[a[0]["index"][0]].path, 32),
                                atol=STD_LEVEL + 1e-4)
 
 
@@ -413,8 +413,8 @@ def test_scan_synthetic_and_inference_loading_do_not_import_tensorflow(root):
     import subprocess
     import sys
     code = ("import sys\n"
-            "from rstpm_jax.data import input_pipeline, mvtec, synthetic\n"
+            "from rstpm_jax.data import input_pipeline, mvtec, preprocess, synthetic\n"
             f"mvtec.scan_category({root!r}, 'button')\n"
-            f"input_pipeline.load_image_file(mvtec.scan_category({root!r}, 'mesh').train[0], 32)\n"
+            f"preprocess.load_image_file(mvtec.scan_category({root!r}, 'mesh').train[0], 32)\n"
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,8 @@ import pytest
 import scipy.ndimage
 
 from rstpm_jax import anomaly_maps as am
-from rstpm_jax import losses
+from rstpm_jax import distances, losses
+from rstpm_jax.levels import sum_over_students
 
 RNG = np.random.default_rng(0)
 LEVEL_SHAPES = {"layer1": (16, 24), "layer2": (8, 12), "layer3": (4, 6)}  # a 64x96 image
@@ -72,7 +73,7 @@ def np_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def test_paper_loss_matches_numpy_eq_1_to_4():
     pairs = random_pairs({"student1": (8, 16, 32), "student2": (32, 16, 8)})
-    total, metrics = jax.jit(losses.get_loss("paper"))(pairs)
+    total, metrics = jax.jit(losses.LOSSES.get("paper"))(pairs)
     ref_total, ref_parts = np_paper_loss(pairs)
     np.testing.assert_allclose(float(total), ref_total, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(metrics["loss"]), ref_total, rtol=1e-5, atol=1e-5)
@@ -100,7 +101,8 @@ def test_loss_and_maps_vanish_for_positively_scaled_students():
             scaled[student][level] = (t, t * scale)
     total, _ = jax.jit(losses.paper_loss)(scaled)
     assert abs(float(total)) < 1e-6
-    final, per_level = jax.jit(am.anomaly_maps, static_argnums=(1, 2))(scaled, (64, 96), "sum")
+    spec = am.MapSpec(am.FUSIONS.bind("sum"), distances.DISTANCES.bind("squared_l2"))
+    final, per_level = jax.jit(am.anomaly_maps, static_argnums=(1, 2))(scaled, (64, 96), spec)
     assert final.shape == (2, 64, 96)
     np.testing.assert_allclose(np.asarray(final), 0.0, atol=1e-6)
     for m in jax.tree.leaves(per_level):
@@ -111,11 +113,13 @@ def test_loss_and_maps_vanish_for_positively_scaled_students():
 
 
 def test_unknown_loss_and_fusion_names_are_rejected():
-    with pytest.raises(ValueError, match="loss.name"):
-        losses.get_loss("no_such_loss")
-    with pytest.raises(ValueError, match="maps.fusion"):
-        am.get_fusion("no_such_fusion")
-    assert "paper" in losses.available_losses()
+    with pytest.raises(ValueError, match="loss.name 'no_such_loss'.*paper.*config.plugins"):
+        losses.LOSSES.get("no_such_loss")
+    with pytest.raises(ValueError, match="maps.fusion 'no_such_fusion'"):
+        am.FUSIONS.get("no_such_fusion")
+    with pytest.raises(ValueError, match="maps.distance"):
+        distances.DISTANCES.get("no_such_distance")
+    assert "paper" in losses.LOSSES.names()
 
 
 # --- maps ----------------------------------------------------------------------------------
@@ -131,16 +135,16 @@ def test_fusion_adds_students_then_multiplies_levels():
     maps = hand_made_maps()
     a, b = maps["student1"], maps["student2"]
     expected = {lvl: a[lvl] + b[lvl] for lvl in a}
-    added = am.add_students(maps)
+    added = sum_over_students(maps)
     for lvl in expected:
         np.testing.assert_array_equal(np.asarray(added[lvl]), expected[lvl])
     product = expected["layer1"] * expected["layer2"] * expected["layer3"]
-    np.testing.assert_array_equal(np.asarray(am.get_fusion("multiply")(added)), product)
+    np.testing.assert_array_equal(np.asarray(am.FUSIONS.get("multiply")(maps)), product)
     # Not multiply-then-add: the two orders disagree on these maps.
     assert not np.array_equal(product, a["layer1"] * a["layer2"] * a["layer3"]
                               + b["layer1"] * b["layer2"] * b["layer3"])
     total = expected["layer1"] + expected["layer2"] + expected["layer3"]
-    np.testing.assert_array_equal(np.asarray(am.get_fusion("sum")(added)), total)
+    np.testing.assert_array_equal(np.asarray(am.FUSIONS.get("sum")(maps)), total)
     np.testing.assert_array_equal(np.asarray(am.image_score(product)), product.max(axis=(1, 2)))
 
 
@@ -178,7 +182,8 @@ def test_gaussian_smooth_zero_sigma_is_identity():
 def test_anomaly_maps_pipeline_matches_numpy(students):
     pairs = random_pairs({s: (8, 16, 32) for s in students})
     size = (64, 96)
-    final, per_level = jax.jit(am.anomaly_maps, static_argnums=(1, 2, 3))(pairs, size, "multiply", 2.0)
+    spec = am.MapSpec(am.FUSIONS.bind("multiply"), distances.DISTANCES.bind("squared_l2"), 2.0)
+    final, per_level = jax.jit(am.anomaly_maps, static_argnums=(1, 2))(pairs, size, spec)
     levels = {}
     for student in students:
         for level, (t, s) in pairs[student].items():
@@ -188,3 +193,56 @@ def test_anomaly_maps_pipeline_matches_numpy(students):
     fused = levels["layer1"] * levels["layer2"] * levels["layer3"]
     ref = scipy.ndimage.gaussian_filter(fused, sigma=(0, 2.0, 2.0), mode="mirror", truncate=4.0)
     np.testing.assert_allclose(np.asarray(final), ref, rtol=1e-4, atol=1e-5)
+
+
+# --- registries ----------------------------------------------------------------------------
+
+def test_registry_refuses_duplicates_and_binds_hashably():
+    from rstpm_jax.registry import Registry
+
+    reg = Registry("widget", "widget.name")
+
+    @reg.register("a")
+    def first(x, scale=1.0):
+        return x * scale
+
+    reg.register("a")(first)  # the same function again: no-op
+
+    def second(x):
+        return x
+
+    with pytest.raises(ValueError, match="widget 'a' is already registered by .*first.*second"):
+        reg.register("a")(second)
+    reg.register("a", replace=True)(second)
+    assert reg.get("a") is second
+    reg.register("b")(first)
+    bound1 = reg.bind("b", {"scale": 2.0, "sizes": [1, 2]})
+    bound2 = reg.bind("b", {"sizes": [1, 2], "scale": 2.0})
+    assert bound1 == bound2 and hash(bound1) == hash(bound2)
+    assert bound1 != reg.bind("b", {"scale": 3.0})
+    assert reg.bind("b", {"scale": 2.0})(3.0) == 6.0
+    with pytest.raises(ValueError, match="widget.name 'b'.*numbers, strings"):
+        reg.bind("b", {"scale": np.zeros(3)})
+
+
+def test_loss_follows_the_map_distance_unless_its_kwargs_say_otherwise():
+    import ml_collections
+
+    pairs = random_pairs({"student1": (8, 16, 32)})
+
+    @distances.register_distance("test_l1_normalised")
+    def l1(t, s):
+        return jax.numpy.abs(distances.l2_normalize(t) - distances.l2_normalize(s)).sum(-1)
+
+    def np_normalize(x):
+        return x / np.linalg.norm(x.astype(np.float64), axis=-1, keepdims=True)
+
+    maps_cfg = ml_collections.ConfigDict({"distance": "test_l1_normalised", "distance_kwargs": {}})
+    loss = losses.from_config(ml_collections.ConfigDict({"name": "paper", "kwargs": {}}), maps_cfg)
+    total, _ = loss(pairs)
+    ref = sum(float(np.mean(np.abs(np_normalize(t) - np_normalize(s)).sum(-1)))
+              for t, s in pairs["student1"].values())
+    np.testing.assert_allclose(float(total), ref, rtol=1e-5)
+    explicit = losses.from_config(
+        ml_collections.ConfigDict({"name": "paper", "kwargs": {"distance": "squared_l2"}}), maps_cfg)
+    np.testing.assert_allclose(float(explicit(pairs)[0]), np_paper_loss(pairs)[0], rtol=1e-5)

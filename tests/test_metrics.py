@@ -58,7 +58,7 @@ def case():
 def _run(maps, masks, labels, batch, level_maps=None, **kw):
     acc = MetricsAccumulator(**kw)
     for i in range(0, len(maps), batch):
-        lm = None if level_maps is None else {s: {l: m[i:i + batch] for l, m in lv.items()}
+        lm = None if level_maps is None else {s: {lvl: m[i:i + batch] for lvl, m in lv.items()}
                                                for s, lv in level_maps.items()}
         acc.update(maps[i:i + batch], masks[i:i + batch], labels[i:i + batch], lm)
     return acc.compute()
@@ -181,21 +181,21 @@ def test_trapezoid_interpolates_at_x_max():
 def test_per_level_sum_consistent(case):
     maps, masks, labels = case
     rng = np.random.default_rng(7)
-    s1 = {l: rng.random(SHAPE).astype(np.float32) + masks * k for k, l in enumerate(("layer1", "layer2"))}
-    s2 = {l: rng.random(SHAPE).astype(np.float32) for l in ("layer1", "layer2")}
+    s1 = {lvl: rng.random(SHAPE).astype(np.float32) + masks * k for k, lvl in enumerate(("layer1", "layer2"))}
+    s2 = {lvl: rng.random(SHAPE).astype(np.float32) for lvl in ("layer1", "layer2")}
     r = _run(maps, masks, labels, batch=4, level_maps={"student1": s1, "student2": s2})
-    for l in ("layer1", "layer2"):
-        total = s1[l] + s2[l]
-        assert r[f"per_level/sum/{l}/pixel_auroc"] == pytest.approx(
+    for lvl in ("layer1", "layer2"):
+        total = s1[lvl] + s2[lvl]
+        assert r[f"per_level/sum/{lvl}/pixel_auroc"] == pytest.approx(
             roc_auc_score(masks.ravel(), total.ravel()), abs=1e-12)
-        assert r[f"per_level/sum/{l}/image_auroc"] == pytest.approx(
+        assert r[f"per_level/sum/{lvl}/image_auroc"] == pytest.approx(
             roc_auc_score(labels, total.max(axis=(1, 2))), abs=1e-12)
         for name, lv in (("student1", s1), ("student2", s2)):
-            assert r[f"per_level/{name}/{l}/pixel_auroc"] == pytest.approx(
-                roc_auc_score(masks.ravel(), lv[l].ravel()), abs=1e-12)
+            assert r[f"per_level/{name}/{lvl}/pixel_auroc"] == pytest.approx(
+                roc_auc_score(masks.ravel(), lv[lvl].ravel()), abs=1e-12)
     single = _run(maps, masks, labels, batch=4, level_maps={"student1": s1})
-    for l in ("layer1", "layer2"):  # one student: its sum is itself
-        assert single[f"per_level/sum/{l}/pixel_auroc"] == single[f"per_level/student1/{l}/pixel_auroc"]
+    for lvl in ("layer1", "layer2"):  # one student: its sum is itself
+        assert single[f"per_level/sum/{lvl}/pixel_auroc"] == single[f"per_level/student1/{lvl}/pixel_auroc"]
     assert "pixel_roc/per_level/sum/layer1" in r["curves"]
 
 
@@ -271,7 +271,7 @@ def test_pixel_metrics_memory_bounded():
             masks = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) < 15 ** 2
             masks[: b // 2] = False  # half normal images
             base = rng.random((b, size, size), dtype=np.float32) + masks
-            levels = {s: {l: base * (k + 1) + j for k, l in enumerate(("layer1", "layer2", "layer3"))}
+            levels = {s: {lvl: base * (k + 1) + j for k, lvl in enumerate(("layer1", "layer2", "layer3"))}
                       for j, s in enumerate(("student1", "student2"))}
             acc.update(base ** 3, masks, masks.any(axis=(1, 2)), levels)
             del masks, base, levels

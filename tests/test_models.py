@@ -8,15 +8,16 @@ import json
 import math
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rstpm_jax import losses
-from rstpm_jax.models import attention, resnet, rstpm, summary
+from rstpm_jax.models import attention, layers, resnet, rstpm, summary
 from tests.conftest import MODEL_CONFIGS, REPO_ROOT, load_config
 
 LEVELS = ("layer1", "layer2", "layer3")
@@ -298,7 +299,7 @@ def test_attention_maps_are_one_channel_in_unit_interval(runs, name):
     r = runs(name)
     inter = r.updates["intermediates"]
     assert set(inter) == set(EXPECTED[name][2])
-    for sname, gates_ in inter.items():
+    for gates_ in inter.values():
         assert set(gates_) == {f"attention_{lvl}" for lvl in LEVELS}
         for lvl in LEVELS:
             (a,) = gates_[f"attention_{lvl}"]["attention"]
@@ -426,8 +427,9 @@ def test_attention_gate_rule_and_stop_gradient():
 
 def test_initialisers_follow_torchvision():
     """Kaiming-normal (fan_out, ReLU gain) convolutions; BatchNorm scale 1, bias 0, stats 0 / 1."""
-    block = resnet.BasicBlock(256)
-    variables = block.init(jax.random.key(0), jnp.zeros((1, 4, 4, 256)), False)
+    block = resnet.BasicBlock(256, conv=resnet.torch_conv(nn.Conv, jnp.float32),
+                              norm=functools.partial(layers.BatchNorm, use_running_average=True))
+    variables = block.init(jax.random.key(0), jnp.zeros((1, 4, 4, 256)))
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
         name = path[-1].key
         if name in ("scale", "var"):

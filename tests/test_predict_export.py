@@ -273,3 +273,30 @@ def test_exported_artifact_in_a_fresh_process_matches_the_model(base, trained, p
     assert meta["normalization"]["scale"] == summary["normalization"]["scale"]
     np.testing.assert_allclose(meta["mean"], [0.485, 0.456, 0.406], rtol=1e-6)
     assert "cpu" in meta["platforms"]
+
+
+# Keys added to the config after the first release: a workdir written before has none of them.
+NEWER_KEYS = {"": ("plugins",), "data": ("tfds_dir",), "model": ("fast_cpu_ops",), "loss": ("kwargs",),
+              "maps": ("distance", "distance_kwargs", "kwargs")}
+
+
+def test_a_workdir_of_an_earlier_version_still_predicts(base, trained, predicted):
+    """config.json without the newer keys (as the first release wrote it): defaults are merged in
+    and predict gives the same scores."""
+    _, workdir = trained
+    _, summary, _ = predicted
+    old = str(base / "old_work")
+    shutil.copytree(workdir, old)
+    path = os.path.join(old, "config.json")
+    config = json.load(open(path))
+    for section, keys in NEWER_KEYS.items():
+        for key in keys:
+            (config[section] if section else config).pop(key)
+    json.dump(config, open(path, "w"))
+    files = [r["file"] for r in summary["predictions"]][:4]
+    got, _ = _predict_cli(base, old, files[0].rsplit("/", 1)[0] + "/*.png", str(base / "pred_old"),
+                          "--map_format", "npy")
+    want = {r["file"]: r["score"] for r in summary["predictions"]}
+    assert got["predictions"]
+    for r in got["predictions"]:
+        np.testing.assert_allclose(r["score"], want[r["file"]], rtol=1e-6, err_msg=r["file"])

@@ -82,7 +82,7 @@ def test_summary_tables(tmp_path):
     md = md_path.read_text()
     assert "paper RSTPM" in md and "paper STPM" in md and "**mean (15)**" in md
     assert md.index("| texture | carpet") < md.index("| texture | wood") < md.index("| object | bottle")
-    mean_line = next(l for l in md.splitlines() if "**mean (15)**" in l and "Δ" not in l)
+    mean_line = next(lvl for lvl in md.splitlines() if "**mean (15)**" in lvl and "Δ" not in lvl)
     cells = [c.strip() for c in mean_line.strip("|").split("|")]
     pix_mean = np.mean([r["pixel_auroc"] for r in rows])
     assert cells[2] == f"{pix_mean:.3f}" and cells[3] == "0.977" and cells[4] == "0.970"
@@ -99,7 +99,7 @@ def test_summary_tables(tmp_path):
 def test_summary_subset_and_unknown_categories(tmp_path):
     md_path, _ = reports.write_summary(tmp_path / "a", [_row("cable", 1), _row("transistor", 2)])
     md = md_path.read_text()
-    mean_line = next(l for l in md.splitlines() if "**mean (2)**" in l)
+    mean_line = next(lvl for lvl in md.splitlines() if "**mean (2)**" in lvl)
     # Paper pixel mean over the same two categories; no image mean (the paper has only all 15).
     assert f"{(0.976 + 0.881) / 2:.3f}" in mean_line
     md2 = reports.write_summary(tmp_path / "b", [_row("synthetic_a", 1), _row("bottle", 2)])[0].read_text()
@@ -141,12 +141,13 @@ def test_figures(tmp_path):
     assert [p.name for p in paths] == ["examples_good.png", "examples_crack.png", "examples_cut.png"]
     for p in paths:
         _check_png(p)
-    lv = {"student1": {l: rng.random((32, 32)) for l in ("layer1", "layer2", "layer3")},
-          "student2": {l: rng.random((32, 32)) for l in ("layer1", "layer2", "layer3")}}
+    lv = {"student1": {lvl: rng.random((32, 32)) for lvl in ("layer1", "layer2", "layer3")},
+          "student2": {lvl: rng.random((32, 32)) for lvl in ("layer1", "layer2", "layer3")}}
     _check_png(figures.level_maps_figure(tmp_path / "levels.png", images[2], lv, maps[2], masks[2]))
     _check_png(figures.roc_figure(tmp_path / "roc.png", {"pixel": ([0, 0.2, 1], [0, 0.9, 1], 0.91),
                                                          "image": ([0, 1], [0, 1], float("nan"))}))
-    _check_png(figures.attention_figure(tmp_path / "att.png", images[0], {"student1": {"layer1": lv["student1"]["layer1"]}}))
+    _check_png(figures.attention_figure(tmp_path / "att.png", images[0],
+                                        {"student1": {"layer1": lv["student1"]["layer1"]}}))
     single = figures.example_grid(tmp_path / "figs" / "examples.png", images[:3], masks[:3], maps[:3],
                                   names[:3])
     assert [p.name for p in single] == ["examples_good.png", "examples_crack.png"]

@@ -38,13 +38,13 @@ STEP_EQUIVALENCE = r"""
 import jax, numpy as np
 from jax.sharding import Mesh
 from configs import rstpm_r18_r18
-from rstpm_jax import losses, sharding, train
+from rstpm_jax import losses, sharding, train, workdir
 cfg = rstpm_r18_r18.get_config()  # both students, attention; the smaller teacher 2 compiles faster
 cfg.data.image_size = 32
-model = train.create_model(cfg)
+model = workdir.create_model(cfg)
 state0, teachers0 = train.create_train_state(jax.random.key(0), cfg, model, 32)
 images = np.random.RandomState(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
-loss_fn = losses.get_loss("paper")
+loss_fn = losses.from_config(cfg.loss, cfg.maps)
 assert jax.device_count() == 8, jax.devices()
 out = {}
 for n, cached in ((1, False), (8, False), (8, True)):

@@ -1,8 +1,8 @@
 """tf.data input pipeline: decode, RGB, resize, ImageNet normalisation, shard per host, batch.
 
 Images are read straight from the scanned files (``data_dir=None``) or, with ``data_dir``,
-through the TFDS builder prepared there (``tfds_mvtec``). Either way the order is fixed in
-NumPy, so it does not depend on the number of hosts: global batch ``b`` holds positions
+from the TFDS data prepared there (``tfds_mvtec``; the file list then comes from it too).
+Either way the order is fixed in NumPy, so it does not depend on the number of hosts: global batch ``b`` holds positions
 ``order[b*G:(b+1)*G]`` and host ``p`` reads rows ``p*L:(p+1)*L`` of it (``L = G // P``),
 which is how ``jax.make_array_from_process_local_data`` assembles the global batch.
 
@@ -10,32 +10,31 @@ which is how ``jax.make_array_from_process_local_data`` assembles the global bat
 - eval: every image once, in file order; the last batch is padded (``valid=False``,
   ``index=-1``) so every host yields the same number of batches.
 
-TensorFlow is imported lazily (``load_image_file`` uses PIL only) and never sees a GPU.
+TensorFlow is imported lazily and never sees a GPU. ``preprocess`` does the same per image
+with PIL alone (predict).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
 from rstpm_jax.data import mvtec
+from rstpm_jax.data.preprocess import NORM_OFFSET, NORM_SCALE, hw
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-# (x / 255 - mean) / std as one multiply-add, shared by the TF and PIL paths.
-_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
-_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
 SPLITS = ("train", "holdout", "test")
 _PIL_ONLY = (".tif", ".tiff")  # formats tf.io.decode_image cannot read
 
 
 def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: PLC0415 (TensorFlow only when a pipeline is built)
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # already initialised
@@ -43,16 +42,8 @@ def _tf():
     return tf
 
 
-def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
-
-
 def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -82,16 +73,25 @@ def split_train_holdout(files: Sequence[str], holdout_fraction: float,
             [f for i, f in enumerate(files) if i in held])
 
 
-def test_items(root: str, category: str) -> list[mvtec.TestItem]:
+def category_files(root: str, category: str, data_dir: str | None = None) -> mvtec.CategoryFiles:
+    """A category's files: scanned under ``root``, or read from the TFDS data prepared in
+    ``data_dir`` (prepared from ``root`` first when absent)."""
+    if data_dir:
+        from rstpm_jax.data import tfds_mvtec  # noqa: PLC0415 (TensorFlow)
+        return tfds_mvtec.category_files(root, category, data_dir)
+    return mvtec.scan_category(root, category)
+
+
+def test_items(root: str, category: str, data_dir: str | None = None) -> list[mvtec.TestItem]:
     """Test items in the order of ``eval_dataset(split="test")``'s ``index``."""
-    return list(mvtec.scan_category(root, category).test)
+    return list(category_files(root, category, data_dir).test)
 
 
 def _items(root: str, category: str, split: str, holdout_fraction: float,
-           seed: int) -> list[mvtec.TestItem]:
+           seed: int, data_dir: str | None = None) -> list[mvtec.TestItem]:
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
-    files = mvtec.scan_category(root, category)
+    files = category_files(root, category, data_dir)
     if split == "test":
         return list(files.test)
     train, holdout = split_train_holdout(files.train, holdout_fraction, seed)
@@ -99,8 +99,8 @@ def _items(root: str, category: str, split: str, holdout_fraction: float,
 
 
 def num_examples(root: str, category: str, split: str, holdout_fraction: float = 0.1,
-                 seed: int = 0) -> int:
-    return len(_items(root, category, split, holdout_fraction, seed))
+                 seed: int = 0, data_dir: str | None = None) -> int:
+    return len(_items(root, category, split, holdout_fraction, seed, data_dir))
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,28 +126,11 @@ def _decode(tf, data, channels: int):
     return tf.io.decode_image(data, channels=channels, dtype=tf.uint8, expand_animations=False)
 
 
-_TFDS_CACHE: dict[tuple[str, str, str], dict[str, tuple[bytes, bytes]]] = {}
-
-
-def _tfds_records(root: str, category: str, tfds_split: str, data_dir: str) -> dict[str, tuple[bytes, bytes]]:
-    """``{file_name: (png image, png mask)}`` of a TFDS split (prepared into ``data_dir`` if absent)."""
-    key = (os.path.abspath(os.path.expanduser(data_dir)), category, tfds_split)
-    if key not in _TFDS_CACHE:
-        import tensorflow_datasets as tfds
-        from rstpm_jax.data import tfds_mvtec
-        builder = tfds_mvtec.prepare(root, category, data_dir)
-        ds = builder.as_dataset(split=tfds_split, shuffle_files=False, decoders={
-            "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
-        _TFDS_CACHE[key] = {ex["file_name"].decode(): (ex["image"], ex["mask"])
-                            for ex in ds.as_numpy_iterator()}
-    return _TFDS_CACHE[key]
-
-
 def _loader(items: list[mvtec.TestItem], root: str, category: str, split: str, size: tuple[int, int],
             data_dir: str | None, with_mask: bool):
     """A tf function: item index -> {"image" (uint8, resized), "index"[, "mask", "label", "valid"]}.
 
-    The resized image is rounded to uint8, as PIL's resize in ``load_image_file`` is.
+    The resized image is rounded to uint8, as PIL's resize in ``preprocess.load_image_file`` is.
     """
     tf = _tf()
     labels = tf.constant([it.label for it in items] or [0], tf.int32)
@@ -170,15 +153,11 @@ def _loader(items: list[mvtec.TestItem], root: str, category: str, split: str, s
                 return tf.ensure_shape(m, [None, None, 1])
             return _decode(tf, tf.io.read_file(mask_paths[i]), 1)
     else:
-        records = _tfds_records(root, category, "test" if split == "test" else "train", data_dir)
-        cdir = os.path.join(os.path.expanduser(root), category)
-        names = [os.path.relpath(it.path, cdir).replace(os.sep, "/") for it in items]
-        missing = [n for n in names if n not in records]
-        if missing:
-            raise ValueError(f"The TFDS data of {category!r} in {data_dir} lacks {missing[:5]} "
-                             f"(stale?): delete {data_dir}/mvtec_ad/{category} to rebuild it.")
-        images = tf.constant([records[n][0] for n in names] or [b""])
-        masks = tf.constant([records[n][1] for n in names] or [b""])
+        from rstpm_jax.data import tfds_mvtec  # noqa: PLC0415
+        records = tfds_mvtec.read_split(root, category, "test" if split == "test" else "train", data_dir)
+        names = [tfds_mvtec.record_name(root, category, it.path) for it in items]
+        images = tf.constant([records[n].image for n in names] or [b""])
+        masks = tf.constant([records[n].mask for n in names] or [b""])
 
         def read_image(i):
             return _decode(tf, images[i], 3)
@@ -221,6 +200,8 @@ class Batches:
             return next(self._it)
         except tf.errors.OpError as e:
             for path in self._files:  # find the culprit with a full PIL decode
+                if not os.path.isfile(path):  # read from TFDS records
+                    continue
                 try:
                     with Image.open(path) as im:
                         im.load()
@@ -233,7 +214,7 @@ class Batches:
 def _dataset(load, indices: np.ndarray, local_batch: int, pad: int, size: tuple[int, int],
              normalize: bool = True):
     tf = _tf()
-    scale, offset = tf.constant(_SCALE), tf.constant(_OFFSET)
+    scale, offset = tf.constant(NORM_SCALE), tf.constant(NORM_OFFSET)
 
     def norm(ex):
         return {**ex, "image": tf.cast(ex["image"], tf.float32) * scale + offset}
@@ -260,7 +241,8 @@ def _cached_loader(items: list[mvtec.TestItem], root: str, category: str, size: 
                    data_dir: str | None):
     """Decodes and resizes every training image once; later epochs gather from memory."""
     tf = _tf()
-    key = (tuple((it.path, os.stat(it.path).st_mtime_ns) for it in items), size, data_dir)
+    stamp = (lambda p: 0) if data_dir else (lambda p: os.stat(p).st_mtime_ns)
+    key = (tuple((it.path, stamp(it.path)) for it in items), size, data_dir)
     if key not in _PIXEL_CACHE:
         _PIXEL_CACHE.clear()
         load = _loader(items, root, category, "train", size, data_dir, with_mask=False)
@@ -282,14 +264,14 @@ def train_dataset(root: str, category: str, *, image_size: int | Sequence[int], 
     """
     p, num_hosts = _host(process_index, process_count)
     local = _local_batch(global_batch_size, num_hosts)
-    items = _items(root, category, "train", holdout_fraction, seed)
+    items = _items(root, category, "train", holdout_fraction, seed, data_dir)
     steps = len(items) // global_batch_size
     if steps == 0:
         raise ValueError(f"train.batch_size={global_batch_size} exceeds the {len(items)} training images "
                          f"of {category!r} (after the holdout); lower the batch size.")
     order = np.random.default_rng([seed, epoch]).permutation(len(items))
     mine = order[:steps * global_batch_size].reshape(steps, num_hosts, local)[:, p].reshape(-1)
-    size = _hw(image_size)
+    size = hw(image_size)
     if len(items) * size[0] * size[1] * 3 <= cache_max_bytes:
         load = _cached_loader(items, root, category, size, data_dir)
     else:
@@ -304,12 +286,12 @@ def eval_dataset(root: str, category: str, *, split: str = "test", image_size: i
     """Every image of ``split`` once across hosts: {"image", "mask", "label", "valid", "index"}."""
     p, num_hosts = _host(process_index, process_count)
     local = _local_batch(global_batch_size, num_hosts)
-    items = _items(root, category, split, holdout_fraction, seed)
+    items = _items(root, category, split, holdout_fraction, seed, data_dir)
     n = len(items)
     steps = math.ceil(n / global_batch_size)
     positions = np.arange(steps * global_batch_size).reshape(steps, num_hosts, local)[:, p].reshape(-1)
     mine = positions[positions < n]  # padding positions come last on every host
-    size = _hw(image_size)
+    size = hw(image_size)
     load = _loader(items, root, category, split, size, data_dir, with_mask=True)
     files = [items[i].path for i in mine] + [items[i].mask_path for i in mine if items[i].mask_path]
     return Batches(_dataset(load, mine, local, len(positions) - len(mine), size), steps, files)
@@ -321,25 +303,12 @@ def load_images(root: str, category: str, split: str, *, image_size: int | Seque
                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """This host's contiguous shard of ``split``: (N, H, W, 3) float32 images and their int32 indices."""
     p, num_hosts = _host(process_index, process_count)
-    items = _items(root, category, split, holdout_fraction, seed)
+    items = _items(root, category, split, holdout_fraction, seed, data_dir)
     mine = np.array_split(np.arange(len(items)), num_hosts)[p]
-    size = _hw(image_size)
+    size = hw(image_size)
     if len(mine) == 0:
         return np.zeros((0, *size, 3), np.float32), np.zeros((0,), np.int32)
     load = _loader(items, root, category, split, size, data_dir, with_mask=False)
     batches = list(Batches(_dataset(load, mine, batch_size, 0, size), 0, [items[i].path for i in mine]))
     return (np.concatenate([b["image"] for b in batches]),
             np.concatenate([b["index"] for b in batches]).astype(np.int32))
-
-
-def load_image_file(path: str, image_size: int | Sequence[int]) -> np.ndarray:
-    """One image file -> (H, W, 3) float32, preprocessed as the pipeline does (PIL, no TensorFlow)."""
-    return preprocess_rgb(mvtec.read_rgb(path), image_size)
-
-
-def preprocess_rgb(rgb: np.ndarray, image_size: int | Sequence[int]) -> np.ndarray:
-    """HxWx3 uint8 -> (h, w, 3) float32: PIL bilinear resize and ImageNet normalisation."""
-    h, w = _hw(image_size)
-    if rgb.shape[:2] != (h, w):
-        rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-    return rgb.astype(np.float32) * _SCALE + _OFFSET

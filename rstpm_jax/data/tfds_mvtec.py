@@ -13,6 +13,7 @@ or ``tfds_mvtec.prepare(ROOT, "bottle", "WORKDIR/tfds")`` for both steps.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -113,3 +114,65 @@ def prepare(root: str, category: str, data_dir: str) -> MvtecAd:
     b.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(root)))
     return b
+
+
+class Record(NamedTuple):
+    """One prepared example: PNG bytes of the image and mask, the label and the defect type."""
+
+    image: bytes
+    mask: bytes
+    label: int
+    defect: str
+
+
+_RECORDS: dict[tuple[str, str, str], dict[str, Record]] = {}
+
+
+def record_name(root: str, category: str, path: str) -> str:
+    """The ``file_name`` a prepared example of ``path`` has (relative to the category folder)."""
+    return os.path.relpath(path, os.path.join(os.path.expanduser(root), category)).replace(os.sep, "/")
+
+
+def read_split(root: str, category: str, split: str, data_dir: str) -> dict[str, Record]:
+    """``{file_name: Record}`` of a prepared split (prepared from ``root`` first if absent)."""
+    key = (os.path.abspath(os.path.expanduser(data_dir)), category, split)
+    if key not in _RECORDS:
+        b = prepare(root, category, data_dir)
+        ds = b.as_dataset(split=split, shuffle_files=False, decoders={
+            "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
+        _RECORDS[key] = {ex["file_name"].decode(): Record(ex["image"], ex["mask"], int(ex["label"]),
+                                                          ex["defect_type"].decode())
+                         for ex in ds.as_numpy_iterator()}
+    return _RECORDS[key]
+
+
+def category_files(root: str, category: str, data_dir: str) -> mvtec.CategoryFiles:
+    """The category as prepared in ``data_dir``, in ``mvtec.scan_category``'s order; the raw
+    folder is needed only to prepare it. When the raw folder is there too, its file list must
+    match the prepared one."""
+    train = read_split(root, category, "train", data_dir)
+    test = read_split(root, category, "test", data_dir)
+    cdir = os.path.join(os.path.expanduser(root), category)
+    if mvtec.is_category_dir(cdir):
+        raw = mvtec.scan_category(root, category, verify=False)
+        raw_names = {record_name(root, category, p) for p in raw.train} | {
+            record_name(root, category, t.path) for t in raw.test}
+        if raw_names != set(train) | set(test):
+            changed = sorted(raw_names ^ (set(train) | set(test)))
+            raise ValueError(
+                f"The TFDS data of {category!r} in {data_dir} is stale: {len(changed)} file(s) differ "
+                f"from {cdir} (e.g. {changed[:3]}). Delete {os.path.join(data_dir, 'mvtec_ad', category)} "
+                "to rebuild it.")
+    items = sorted(test.items(), key=lambda kv: (kv[1].defect != mvtec.GOOD, kv[1].defect, kv[0]))
+    return mvtec.CategoryFiles(
+        category=category, root=os.path.expanduser(root),
+        train=[os.path.join(cdir, n) for n in sorted(train)],
+        test=[mvtec.TestItem(os.path.join(cdir, n), None if r.label == 0 else f"{n} (mask in TFDS)",
+                             r.label, r.defect) for n, r in items])
+
+
+def prepared_categories(data_dir: str) -> list[str]:
+    """Categories with prepared data under ``data_dir``."""
+    base = os.path.join(os.path.expanduser(data_dir), "mvtec_ad")
+    return sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) \
+        if os.path.isdir(base) else []

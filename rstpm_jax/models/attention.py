@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rstpm_jax.models.resnet import batch_norm, conv_layer
+from rstpm_jax.models.layers import BatchNorm, ModuleDef
+from rstpm_jax.models.resnet import torch_conv
 
 Array = jax.Array
 MODES = ("mul", "residual")
+# The logit conv feeding the sigmoid keeps torch's default Conv2d init (fan-in, uniform) and
+# its bias: kaiming fan_out with fan_out=1 would start most gates saturated at 0 or 1.
 LOGIT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -24,7 +27,8 @@ class AttentionGate(nn.Module):
 
     mode: str = "mul"
     dtype: Any = jnp.float32
-    conv_fn: Callable | None = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
 
     @nn.compact
     def __call__(self, teacher: Array, student: Array, train: bool) -> Array:
@@ -34,10 +38,9 @@ class AttentionGate(nn.Module):
             raise ValueError(
                 f"Attention gate needs teacher and student maps of one size: {teacher.shape} vs {student.shape}.")
         t = jax.lax.stop_gradient(teacher).astype(self.dtype)
-        h = conv_layer(student.shape[-1], 3, dtype=self.dtype, conv_fn=self.conv_fn, name="conv")(t)
-        h = nn.relu(batch_norm(train, self.dtype, name="bn")(h))
-        # The logit conv feeding the sigmoid keeps torch's default Conv2d init (fan-in,
-        # uniform): kaiming fan_out with fan_out=1 would start most gates saturated at 0 or 1.
+        h = torch_conv(self.conv, self.dtype)(student.shape[-1], (3, 3), padding=1, name="conv")(t)
+        h = nn.relu(self.norm(use_running_average=not train, dtype=self.dtype, name="bn")(h))
+        # flax's own nn.Conv: a one-channel 1x1 conv with a bias gains nothing from ``conv``.
         a = nn.Conv(1, (1, 1), kernel_init=LOGIT_INIT, dtype=self.dtype, param_dtype=jnp.float32,
                     name="proj")(h)
         a = nn.sigmoid(a)

@@ -7,19 +7,24 @@ an optimizer never sees the teachers and a checkpoint need not copy them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rstpm_jax.levels import COMPARED
 from rstpm_jax.models import resnet
-from rstpm_jax.models.students import COMPARED, GatedResNetStudent, ReconstructionStudent
+from rstpm_jax.models.layers import BatchNorm, ModuleDef
+from rstpm_jax.models.students import GatedResNetStudent, ReconstructionStudent
 
 Array = jax.Array
 Features = dict[str, dict[str, Array]]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+# Which teacher each student is compared with.
+TEACHER_OF = {"student1": "teacher1", "student2": "teacher2"}
 
 
 def parse_dtype(name: str) -> Any:
@@ -35,15 +40,17 @@ class Teachers(nn.Module):
     teacher2: str | None = "resnet50"
     teacher1_depth: int = 4
     dtype: Any = jnp.float32
-    conv_fn: Callable | None = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: Array) -> Features:
-        feats = {"teacher1": resnet.ResNet(self.teacher1, self.teacher1_depth, self.dtype,
-                                           self.conv_fn, name="teacher1")(x, train=False)}
+        layers = dict(dtype=self.dtype, conv=self.conv, norm=self.norm, pool=self.pool)
+        feats = {"teacher1": resnet.ResNet(self.teacher1, self.teacher1_depth, **layers,
+                                           name="teacher1")(x, train=False)}
         if self.teacher2:
-            feats["teacher2"] = resnet.ResNet(self.teacher2, 3, self.dtype, self.conv_fn,
-                                              name="teacher2")(x, train=False)
+            feats["teacher2"] = resnet.ResNet(self.teacher2, 3, **layers, name="teacher2")(x, train=False)
         return jax.tree.map(jax.lax.stop_gradient, feats)
 
 
@@ -58,26 +65,26 @@ class Students(nn.Module):
     attention_mode: str = "mul"
     decoder_widths: tuple[int, ...] = (256, 128, 64)
     dtype: Any = jnp.float32
-    conv_fn: Callable | None = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    conv_transpose: ModuleDef = nn.ConvTranspose
+    pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: Array, teacher: Features, train: bool) -> Features:
+        gates = dict(attention=self.attention, attention_mode=self.attention_mode, dtype=self.dtype,
+                     conv=self.conv, norm=self.norm)
         out = {}
         if self.use_student1:
-            out["student1"] = GatedResNetStudent(self.teacher1, self.attention, self.attention_mode,
-                                                 self.dtype, self.conv_fn, name="student1")(
-                x, teacher["teacher1"], train)
+            out["student1"] = GatedResNetStudent(self.teacher1, **gates, pool=self.pool,
+                                                 name="student1")(x, teacher["teacher1"], train)
         if self.use_student2:
             t2 = resnet.feature_widths(self.teacher2)
             out["student2"] = ReconstructionStudent(
-                (t2["layer3"], t2["layer2"], t2["layer1"]), tuple(self.decoder_widths),
-                self.attention, self.attention_mode, self.dtype, self.conv_fn, name="student2")(
-                teacher["teacher1"]["layer4"], teacher["teacher2"], train)
+                target_widths=(t2["layer3"], t2["layer2"], t2["layer1"]),
+                widths=tuple(self.decoder_widths), **gates, conv_transpose=self.conv_transpose,
+                name="student2")(teacher["teacher1"]["layer4"], teacher["teacher2"], train)
         return out
-
-
-# Which teacher each student is compared with.
-TEACHER_OF = {"student1": "teacher1", "student2": "teacher2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +109,8 @@ class RSTPM:
 
     def student_features(self, student_vars: Mapping, x: Array, teacher: Features, train: bool,
                          capture_attention: bool = False) -> tuple[Features, dict]:
-        """Students' compared features and the updated mutable collections."""
+        """Students' compared features and the updated mutable collections (``batch_stats`` when
+        training; ``intermediates`` with the attention maps when ``capture_attention``)."""
         mutable = ["batch_stats"] if train else []
         if capture_attention:
             mutable.append("intermediates")
@@ -111,9 +119,8 @@ class RSTPM:
         return self.students.apply(student_vars, x, teacher, train), {}
 
     @property
-    def student_names(self) -> tuple[str, ...]:
-        return tuple(n for n, on in (("student1", self.students.use_student1),
-                                     ("student2", self.students.use_student2)) if on)
+    def has_attention(self) -> bool:
+        return bool(self.students.attention)
 
 
 def feature_pairs(teacher: Features, student: Features) -> dict[str, dict[str, tuple[Array, Array]]]:
@@ -122,19 +129,41 @@ def feature_pairs(teacher: Features, student: Features) -> dict[str, dict[str, t
             for name, feats in student.items()}
 
 
-def build_model(cfg: ml_collections.ConfigDict, conv_fn: Callable | None = None) -> RSTPM:
-    """The model that ``cfg`` (the ``model`` section of a config) names."""
+def attention_maps(intermediates: Mapping) -> dict[str, dict[str, Array]]:
+    """``{student: {level: (B, h, w)}}`` from the ``intermediates`` a gated forward pass sowed."""
+    out = {}
+    for student, modules in intermediates.items():
+        for name, sown in modules.items():
+            if name.startswith("attention_"):
+                out.setdefault(student, {})[name[len("attention_"):]] = sown["attention"][0][..., 0]
+    return out
+
+
+def build_model(cfg: ml_collections.ConfigDict, *, fast_cpu_ops: bool | None = None) -> RSTPM:
+    """The model that ``cfg`` (the ``model`` section of a config) names.
+
+    On a CPU backend, with ``model.fast_cpu_ops`` (default) or ``fast_cpu_ops=True``, the
+    layers are ``rstpm_jax.ops.layers``' (same variables and numbers, faster gradients on
+    XLA:CPU); otherwise flax's own.
+    """
     if not (cfg.student1 or cfg.student2):
         raise ValueError("The config enables no student: set model.student1 and/or model.student2.")
     if cfg.student2 and not cfg.teacher2:
         raise ValueError("model.student2=True needs model.teacher2 (e.g. 'resnet50').")
-    resnet.build(cfg.teacher1)
+    resnet.arch_spec(cfg.teacher1)
     if cfg.student2:
-        resnet.build(cfg.teacher2)
+        resnet.arch_spec(cfg.teacher2)
     dtype = parse_dtype(cfg.dtype)
+    fast = bool(cfg.get("fast_cpu_ops", True)) if fast_cpu_ops is None else fast_cpu_ops
+    layers: dict[str, Any] = {}
+    if fast and jax.default_backend() == "cpu":
+        from rstpm_jax.ops.layers import CPU_LAYERS  # noqa: PLC0415
+        layers = dict(CPU_LAYERS)
     teacher2 = cfg.teacher2 if cfg.student2 else None
-    teachers = Teachers(cfg.teacher1, teacher2, 4 if cfg.student2 else 3, dtype, conv_fn)
-    students = Students(cfg.teacher1, teacher2, bool(cfg.student1), bool(cfg.student2),
-                        bool(cfg.attention), cfg.attention_mode, tuple(cfg.decoder_widths), dtype,
-                        conv_fn)
+    teachers = Teachers(cfg.teacher1, teacher2, 4 if cfg.student2 else 3, dtype,
+                        **{k: v for k, v in layers.items() if k != "conv_transpose"})
+    students = Students(cfg.teacher1, teacher2, use_student1=bool(cfg.student1),
+                        use_student2=bool(cfg.student2), attention=bool(cfg.attention),
+                        attention_mode=cfg.attention_mode, decoder_widths=tuple(cfg.decoder_widths),
+                        dtype=dtype, **layers)
     return RSTPM(teachers, students)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rstpm_jax.levels import COMPARED
 from rstpm_jax.models.attention import AttentionGate
-from rstpm_jax.models.resnet import (BasicBlock, batch_norm, conv_fn_kwargs, conv_init,
-                                     conv_layer, conv_transpose_layer, stage, stem)
+from rstpm_jax.models.layers import BatchNorm, ModuleDef
+from rstpm_jax.models.resnet import BasicBlock, stage, stem, torch_conv
 
 Array = jax.Array
-COMPARED = ("layer1", "layer2", "layer3")
 
 
 class GatedResNetStudent(nn.Module):
@@ -23,16 +25,20 @@ class GatedResNetStudent(nn.Module):
     attention: bool = True
     attention_mode: str = "mul"
     dtype: Any = jnp.float32
-    conv_fn: Callable | None = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: Array, teacher: Mapping[str, Array], train: bool) -> dict[str, Array]:
-        _, y = stem(x.astype(self.dtype), train, dtype=self.dtype, conv_fn=self.conv_fn)
+        conv = torch_conv(self.conv, self.dtype)
+        norm = functools.partial(self.norm, use_running_average=not train, dtype=self.dtype)
+        _, y = stem(x.astype(self.dtype), conv=conv, norm=norm, pool=self.pool)
         out = {}
         for i, level in enumerate(COMPARED):
-            y = stage(y, train, self.arch, i, dtype=self.dtype, conv_fn=self.conv_fn)
+            y = stage(y, self.arch, i, conv=conv, norm=norm)
             if self.attention:
-                y = AttentionGate(self.attention_mode, self.dtype, self.conv_fn,
+                y = AttentionGate(self.attention_mode, self.dtype, conv=self.conv, norm=self.norm,
                                   name=f"attention_{level}")(teacher[level], y, train)
             out[level] = y
         return out
@@ -52,31 +58,31 @@ class ReconstructionStudent(nn.Module):
     attention: bool = True
     attention_mode: str = "mul"
     dtype: Any = jnp.float32
-    conv_fn: Callable | None = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    conv_transpose: ModuleDef = nn.ConvTranspose
 
     @nn.compact
     def __call__(self, deepest: Array, teacher2: Mapping[str, Array], train: bool) -> dict[str, Array]:
         if len(self.widths) != 3:
             raise ValueError(f"model.decoder_widths needs 3 widths (1/16, 1/8, 1/4), got {self.widths}.")
+        conv = torch_conv(self.conv, self.dtype)
+        norm = functools.partial(self.norm, use_running_average=not train, dtype=self.dtype)
+        deconv = torch_conv(self.conv_transpose, self.dtype)
         y = jax.lax.stop_gradient(deepest).astype(self.dtype)
-        y = conv_layer(512, 3, dtype=self.dtype, conv_fn=self.conv_fn, name="conv_in")(y)
-        y = nn.relu(batch_norm(train, self.dtype, name="bn_in")(y))
-        y = BasicBlock(512, dtype=self.dtype, conv_fn=self.conv_fn, name="block_in")(y, train)
+        y = nn.relu(norm(name="bn_in")(conv(512, (3, 3), padding=1, name="conv_in")(y)))
+        y = BasicBlock(512, conv=conv, norm=norm, name="block_in")(y)
         out = {}
         for i, (level, width, target) in enumerate(zip(reversed(COMPARED), self.widths, self.target_widths)):
-            y = conv_transpose_layer(width, 3, 2, dtype=self.dtype, conv_fn=self.conv_fn,
-                                     name=f"up{i}_deconv")(y)
-            y = nn.relu(batch_norm(train, self.dtype, name=f"up{i}_bn")(y))
+            y = deconv(width, (3, 3), strides=(2, 2), padding="SAME", name=f"up{i}_deconv")(y)
+            y = nn.relu(norm(name=f"up{i}_bn")(y))
             for j in range(2):
-                y = BasicBlock(width, downsample=False, dtype=self.dtype, conv_fn=self.conv_fn,
-                               name=f"up{i}_block{j}")(y, train)
+                y = BasicBlock(width, conv=conv, norm=norm, name=f"up{i}_block{j}")(y)
             if self.attention:
-                y = AttentionGate(self.attention_mode, self.dtype, self.conv_fn,
+                y = AttentionGate(self.attention_mode, self.dtype, conv=self.conv, norm=self.norm,
                                   name=f"attention_{level}")(teacher2[level], y, train)
-            if width != target:
-                out[level] = nn.Conv(target, (1, 1), kernel_init=conv_init, dtype=self.dtype,
-                                     param_dtype=jnp.float32, name=f"proj_{level}",
-                                     **conv_fn_kwargs(self.conv_fn))(y)
+            if width != target:  # a 1x1 projection (with a bias) to teacher 2's width
+                out[level] = conv(target, (1, 1), padding=0, use_bias=True, name=f"proj_{level}")(y)
             else:
                 out[level] = y
         return out

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
 from rstpm_jax.models import resnet, rstpm
 
@@ -124,8 +127,6 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
     if len(argv) > 1:
         raise SystemExit(f"Unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
@@ -138,9 +139,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     flags.DEFINE_bool("json", False, "Print one JSON object of parameter counts.")
     app.run(main)

@@ -16,17 +16,18 @@ kernels larger than 1x1 keep XLA's, chosen at trace time by
 ``compile_options.eigen_convolutions()``. 1x1 convolutions' gradients are plain matrix
 products either way (4-5x faster than XLA's); forward passes and the input gradients of
 larger kernels are XLA's own. Transposed convolutions (input dilation, unit strides,
-explicit pads: ``resnet.conv_transpose_layer``) get the weight gradient of the equivalent
+explicit pads: ``ops.layers.ConvTranspose``) get the weight gradient of the equivalent
 strided convolution (XLA:CPU's own for the dilated form took ~1 s per RSTPM decoder layer).
 Only 2D NHWC/HWIO convolutions without kernel dilation or feature groups take these paths;
-anything else goes to ``lax.conv_general_dilated`` as is. Pass
-``platform_conv()`` as ``conv_fn`` to the models (``nn.Conv(conv_general_dilated=...)``).
+anything else goes to ``lax.conv_general_dilated`` as is. ``ops.layers.Conv`` is
+``nn.Conv`` through it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +69,6 @@ def conv_general_dilated(
     if dilation != (1, 1):
         return _dilated_conv(lhs, rhs, dilation, pads, _hashable(precision))
     return _conv(lhs, rhs, strides, pads, _hashable(precision))
-
-
-def platform_conv() -> Callable | None:
-    """This module's convolution on CPU backends; ``None`` (XLA's own) on GPU/TPU."""
-    return conv_general_dilated if jax.default_backend() == "cpu" else None
 
 
 def _hashable(precision: Any) -> Any:

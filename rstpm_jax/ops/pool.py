@@ -11,7 +11,7 @@ the window) that equals the window's maximum -- PyTorch's ``max_pool2d`` rule --
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

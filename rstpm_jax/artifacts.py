@@ -1,0 +1,89 @@
+"""What an evaluation leaves in the workdir: per category ``thresholds.json``,
+``test_scores.csv``, ``results.json`` and figures; across categories the summary tables.
+
+Host 0 writes; every file is written whole (temporary file, then renamed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from rstpm_jax import reports
+from rstpm_jax.evaluate import Evaluation
+
+
+def row(evaluation: Evaluation) -> dict[str, Any]:
+    """The category's flat result (metrics, test-image count, thresholds, seconds)."""
+    return {**evaluation.metrics, "num_test_images": evaluation.num_test_images,
+            "thresholds": evaluation.thresholds, "eval_seconds": evaluation.seconds}
+
+
+def write_category(workdir: str, evaluation: Evaluation, config: ml_collections.ConfigDict) -> None:
+    """``WORKDIR/<category>/``: thresholds.json, test_scores.csv, results.json and figures."""
+    if jax.process_index() != 0:
+        return
+    cat_dir = os.path.join(workdir, evaluation.category)
+    os.makedirs(cat_dir, exist_ok=True)
+    _atomic_write(os.path.join(cat_dir, "thresholds.json"),
+                  lambda f: json.dump(evaluation.thresholds, f, indent=2))
+    _atomic_write(os.path.join(cat_dir, "test_scores.csv"),
+                  lambda f: _write_scores(f, evaluation.scores), newline="")
+    metrics = {**evaluation.metrics, "num_test_images": evaluation.num_test_images}
+    reports.write_category_results(cat_dir, evaluation.category, metrics, config.to_dict(),
+                                   {"model": str(config.name), "thresholds": evaluation.thresholds,
+                                    "eval_seconds": evaluation.seconds})
+    if config.eval.figures:
+        write_figures(os.path.join(cat_dir, "figures"), evaluation)
+
+
+def write_summary(workdir: str, rows: Mapping[str, Mapping[str, Any]]) -> None:
+    """``WORKDIR/results.md`` and ``results.csv`` across categories (host 0)."""
+    if jax.process_index() != 0 or not rows:
+        return
+    reports.write_summary(workdir, [{"category": c, **r} for c, r in rows.items()])
+
+
+def _atomic_write(path: str, write, newline: str | None = None) -> None:
+    with open(path + ".tmp", "w", newline=newline) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
+def _write_scores(f, rows: list[tuple[str, int, float]]) -> None:
+    """Per-image test scores (file, label, score) in test order, for predict's consistency check."""
+    writer = csv.writer(f)
+    writer.writerow(("file", "label", "score"))
+    writer.writerows((p, lbl, repr(s)) for p, lbl, s in rows)
+
+
+def write_figures(fig_dir: str, evaluation: Evaluation) -> None:
+    """Example grids per defect type, per-level maps, attention maps (models with gates; paper
+    Fig. 5) and the ROC curves."""
+    from rstpm_jax import figures  # noqa: PLC0415 (matplotlib)
+
+    flat = [(d, e) for d, es in sorted(evaluation.examples.items()) for e in es]
+    if not flat:
+        return
+    os.makedirs(fig_dir, exist_ok=True)
+    figures.example_grid(
+        fig_dir,
+        figures.denormalize(np.stack([e["image"] for _, e in flat])),
+        np.stack([e["mask"] for _, e in flat]), np.stack([e["map"] for _, e in flat]),
+        [d for d, _ in flat], [e["name"] for _, e in flat])
+    for d, es in sorted(evaluation.examples.items()):
+        e = es[0]
+        image = figures.denormalize(e["image"][None])[0]
+        figures.level_maps_figure(os.path.join(fig_dir, f"levels_{d}.png"), image, e["levels"], e["map"],
+                                  e["mask"])
+        if e["attention"]:
+            figures.attention_figure(os.path.join(fig_dir, f"attention_{d}.png"), image, e["attention"])
+    if evaluation.metrics.get("curves"):
+        figures.roc_figure(os.path.join(fig_dir, "roc.png"), figures.metric_curves(evaluation.metrics))

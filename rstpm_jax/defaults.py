@@ -1,0 +1,80 @@
+"""Every config key with its default: the paper's setting (RSTPM on MVTec AD, section 4.1).
+
+``configs/*.py`` start from :func:`get_config`; a workdir's saved ``config.json`` is merged
+over it when loaded (``workdir.load_config``), so a workdir written before a key existed
+still evaluates and predicts with that key's default.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.mode = "train"  # "train" (train then evaluate) or "eval" (evaluate saved checkpoints)
+    config.name = "rstpm"  # model name in reports and sweeps
+    # Modules imported before the run (comma-separated): where your own @register_loss,
+    # @register_fusion and @register_distance functions live.
+    config.plugins = ""
+
+    config.data = ml_collections.ConfigDict()
+    config.data.root = "~/data/mvtec_anomaly_detection"  # ROOT/<category>/train/good/...
+    config.data.categories = "all"  # comma-separated names, or "all" (every category under root)
+    config.data.image_size = 256
+    config.data.generate_synthetic = False  # write the synthetic demo dataset to root if absent
+    config.data.holdout_fraction = 0.1  # of train/good, held out to set thresholds
+    # Prepared TFDS data (rstpm_jax.data.tfds_mvtec) to train and evaluate from: built from
+    # data.root once if absent. Empty: read the image files under data.root directly.
+    config.data.tfds_dir = ""
+    # Training order: a full permutation per epoch drawn from (seed, epoch), so resume is exact.
+
+    config.model = ml_collections.ConfigDict()
+    config.model.teacher1 = "resnet18"
+    config.model.teacher2 = "resnet50"
+    config.model.student1 = True
+    config.model.student2 = True
+    config.model.attention = True
+    config.model.attention_mode = "mul"  # "mul": s * a, "residual": s + s * a
+    config.model.decoder_widths = (256, 128, 64)
+    config.model.dtype = "float32"  # or "bfloat16" (compute; parameters stay float32)
+    config.model.random_teachers = False  # True: random teachers (demo/tests only)
+    config.model.teacher1_weights = "weights/resnet18.msgpack"
+    config.model.teacher2_weights = "weights/resnet50.msgpack"
+    # On a CPU backend, layers with faster gradients on XLA:CPU (rstpm_jax.ops.layers; same
+    # variables and numbers). No effect on GPU/TPU.
+    config.model.fast_cpu_ops = True
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "paper"  # a registered loss (rstpm_jax.losses)
+    config.loss.kwargs = ml_collections.ConfigDict()  # keyword arguments of the loss
+
+    config.maps = ml_collections.ConfigDict()
+    config.maps.distance = "squared_l2"  # per-position distance (eq. 2); the losses follow it
+    config.maps.distance_kwargs = ml_collections.ConfigDict()
+    config.maps.fusion = "multiply"  # fusion rule over students and resolutions
+    config.maps.kwargs = ml_collections.ConfigDict()  # keyword arguments of the fusion rule
+    config.maps.smoothing_sigma = 0.0  # Gaussian sigma in pixels; 0 = off
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 100
+    config.train.batch_size = 32  # global, over all devices and hosts
+    config.train.learning_rate = 0.4
+    config.train.momentum = 0.9
+    config.train.weight_decay = 1e-4
+    config.train.checkpoint_every_epochs = 10
+    config.train.keep_checkpoints = 2
+    config.train.log_every_steps = 10
+    config.train.cache_teacher_features = "auto"  # "auto" (when it fits), "on", "off"
+    config.train.cache_max_bytes = 8 * 2**30
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 32
+    config.eval.pro_max_fpr = 0.3
+    config.eval.figures = True
+    config.eval.threshold_percentile = 99.0
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234"; empty: auto / single host
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+    return config
