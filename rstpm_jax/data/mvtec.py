@@ -50,10 +50,6 @@ class CategoryFiles:
     train: list[str]
     test: list[TestItem]
 
-    @property
-    def defect_types(self) -> list[str]:
-        return sorted({t.defect for t in self.test if t.label})
-
 
 def _where_to_get() -> str:
     return (f"Download MVTec AD from {MVTEC_URL} and extract it so that "
