@@ -44,11 +44,21 @@ def write_category(workdir: str, evaluation: Evaluation, config: ml_collections.
         write_figures(os.path.join(cat_dir, "figures"), evaluation)
 
 
+def write_failure(directory: str, category: str, error: str, config: ml_collections.ConfigDict) -> None:
+    """``results.json`` of a job that failed: its status and the error (host 0)."""
+    if jax.process_index() != 0:
+        return
+    reports.write_category_results(directory, category, {}, config.to_dict(),
+                                   {"status": "failed", "error": error, "model": str(config.name)})
+
+
 def write_summary(workdir: str, rows: Mapping[str, Mapping[str, Any]]) -> None:
-    """``WORKDIR/results.md`` and ``results.csv`` across categories (host 0)."""
+    """``WORKDIR/results.md`` and ``results.csv`` across jobs (host 0); failed jobs are listed."""
     if jax.process_index() != 0 or not rows:
         return
-    reports.write_summary(workdir, [{"category": c, **r} for c, r in rows.items()])
+    done = [{"category": c, **r} for c, r in rows.items() if r.get("status") != "failed"]
+    failed = {c: r["error"] for c, r in rows.items() if r.get("status") == "failed"}
+    reports.write_summary(workdir, done, failed=failed)
 
 
 def _atomic_write(path: str, write, newline: str | None = None) -> None:

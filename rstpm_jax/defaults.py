@@ -45,7 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.fast_cpu_ops = True
 
     config.loss = ml_collections.ConfigDict()
-    config.loss.name = "paper"  # a registered loss (rstpm_jax.losses)
+    # A registered loss (rstpm_jax.losses): "stpm" is the official STPM code's (2 x eq. 4, what
+    # lr 0.4 was tuned with), "paper" eq. 4 as written, "anomalib_stfpm" anomalib's.
+    config.loss.name = "stpm"
     config.loss.kwargs = ml_collections.ConfigDict()  # keyword arguments of the loss
 
     config.maps = ml_collections.ConfigDict()
@@ -57,7 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 100
-    config.train.batch_size = 32  # global, over all devices and hosts
+    config.train.batch_size = 32  # per job (model), split over its mesh.data devices
+    # Train the last partial batch of an epoch (padded, the padding masked out) as the
+    # reference code does; True drops it.
+    config.train.drop_last = False
+    config.train.seeds = ""  # e.g. "0,1,2": one model per category and seed (default: config.seed)
     config.train.learning_rate = 0.4
     config.train.momentum = 0.9
     config.train.weight_decay = 1e-4
@@ -72,6 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.pro_max_fpr = 0.3
     config.eval.figures = True
     config.eval.threshold_percentile = 99.0
+
+    # The device mesh: jobs (category x seed) over "model", each job's batch over "data".
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.model = "auto"  # devices along the job axis; "auto": min(jobs, devices / mesh.data)
+    # Devices per job; "auto": 1 on one host; on several, all devices used with the fewest
+    # padding jobs.
+    config.mesh.data = "auto"
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234"; empty: auto / single host

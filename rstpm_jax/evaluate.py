@@ -38,6 +38,12 @@ class Evaluation:
     seconds: float = 0.0
 
 
+def eval_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+    """``eval.batch_size`` rounded up to a multiple of the mesh's devices (padding is dropped)."""
+    n = mesh.devices.size
+    return -(-max(1, int(config.eval.batch_size)) // n) * n
+
+
 def run_split(config: ml_collections.ConfigDict, source: Source, category: str, split: str, infer,
               teacher_vars: Any, student_vars: Any, mesh: jax.sharding.Mesh
               ) -> Iterator[tuple[dict, dict]]:
@@ -46,7 +52,7 @@ def run_split(config: ml_collections.ConfigDict, source: Source, category: str, 
 
     for batch in input_pipeline.eval_dataset(
             source.root, category, split=split, image_size=int(config.data.image_size),
-            global_batch_size=int(config.eval.batch_size), process_index=jax.process_index(),
+            global_batch_size=eval_batch_size(config, mesh), process_index=jax.process_index(),
             process_count=jax.process_count(), seed=int(config.seed),
             holdout_fraction=float(config.data.holdout_fraction), data_dir=source.tfds_dir):
         out = infer(teacher_vars, student_vars, sharding.to_global(batch["image"], mesh))

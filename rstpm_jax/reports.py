@@ -159,11 +159,18 @@ def _write_csv(path: Path, header: Sequence[str], body: Sequence[Sequence[Any]])
 # ----------------------------------------------------------------------------- summary
 
 def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
-                  title: str = "Results") -> tuple[Path, Path]:
+                  title: str = "Results", failed: Mapping[str, str] | None = None) -> tuple[Path, Path]:
     """WORKDIR/results.md and results.csv: per-category rows (textures, objects, others) and
-    their mean, laid out like the paper's Tables 1-3 with its numbers beside ours."""
+    their mean, laid out like the paper's Tables 1-3 with its numbers beside ours; ``failed``
+    (category -> error) are listed apart (a row each in the CSV, status ``failed``)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    failed = dict(failed or {})
+    if not rows and failed:
+        md_path, csv_path = workdir / "results.md", workdir / "results.csv"
+        md_path.write_text(f"# {title}\n\n" + _failed_section(failed))
+        _write_csv(csv_path, ["category", "status", "error"], [[c, "failed", e] for c, e in failed.items()])
+        return md_path, csv_path
     rows = _check_rows(rows, "write_summary")
     cats = [r["category"] for r in rows]
     mean = {k: _mean(_value(r, k) for r in rows)
@@ -226,7 +233,7 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     else:
         md += ["No per-level metrics in these results.", ""]
     md_path = workdir / "results.md"
-    md_path.write_text("\n".join(md))
+    md_path.write_text("\n".join(md) + ("\n" + _failed_section(failed) if failed else ""))
 
     metric_keys = [k for k in mean if any(isinstance(r.get(k), (int, float, np.number))
                                            and not isinstance(r.get(k), bool) for r in rows)]
@@ -237,10 +244,19 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
         c = r["category"]
         csv_body.append([paper.category_group(c), c] + [_value(r, k) for k in metric_keys]
                         + [paper.PIXEL_AUROC["rstpm"].get(c), paper.PIXEL_AUROC["stpm"].get(c), None, None])
-    csv_body.append(["", "mean"] + [mean[k] for k in metric_keys] + [pr_m, ps_m, ir_m, is_m])
+    csv_body = [r + ["ok", ""] for r in csv_body]
+    csv_body.append(["", "mean"] + [mean[k] for k in metric_keys] + [pr_m, ps_m, ir_m, is_m, "", ""])
+    blank = [None] * (len(metric_keys) + len(paper_cols))
+    csv_body += [[paper.category_group(c), c] + blank + ["failed", e] for c, e in failed.items()]
     csv_path = workdir / "results.csv"
-    _write_csv(csv_path, ["group", "category"] + metric_keys + paper_cols, csv_body)
+    _write_csv(csv_path, ["group", "category"] + metric_keys + paper_cols + ["status", "error"], csv_body)
     return md_path, csv_path
+
+
+def _failed_section(failed: Mapping[str, str]) -> str:
+    lines = ["## Failed jobs", "", "Not in the tables above; their other results were kept.", ""]
+    lines += [f"- **{c}**: {e}" for c, e in failed.items()]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- ablations

@@ -13,6 +13,7 @@ import ml_collections
 from absl import logging
 
 from rstpm_jax import artifacts, evaluate, registry, reports, sharding, train
+from rstpm_jax import jobs as jobs_lib
 from rstpm_jax import workdir as workdir_lib
 from rstpm_jax.ablations import ABLATIONS
 from rstpm_jax.data import sources
@@ -35,33 +36,58 @@ def initialize(config: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-    """Train (mode=train) and evaluate every requested category; write the reports.
+    """Train (mode=train) and evaluate every job (category x seed); write the reports.
 
-    Returns ``{category: result row}`` (the metrics and thresholds)."""
+    Returns ``{job name: result row}`` (the metrics and thresholds, or the failure)."""
     if config.mode not in MODES:
         raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}.")
     initialize(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     source, categories = sources.prepare(config, workdir)
-    sharding.check_batch_size(int(config.train.batch_size))
-    sharding.check_batch_size(int(config.eval.batch_size), "eval.batch_size")
-    mesh = sharding.make_mesh()
+    planned = jobs_lib.plan(config, workdir, categories)
     if config.mode == "train":
-        workdir_lib.save_config(workdir, config)
+        if len(jobs_lib.seeds_of(config)) > 1:
+            workdir_lib.save_config(workdir, config)
+        for run_dir, cfg in jobs_lib.run_dirs(planned).items():
+            os.makedirs(run_dir, exist_ok=True)
+            workdir_lib.save_config(run_dir, cfg)
+        outcomes = train.train_group(planned, source, config.mesh)
+    else:
+        outcomes = [_load(job) for job in planned]
     rows = {}
-    for category in categories:
-        if config.mode == "train":
-            model, teacher_vars, state = train.train_category(config, workdir, source, category, mesh)
-            student_vars = {"params": state.params, "batch_stats": state.batch_stats}
-        else:
-            model, teacher_vars, student_vars = workdir_lib.load_trained(config, workdir, category, mesh)
-        evaluation = evaluate.evaluate_category(config, source, category, model, teacher_vars,
-                                                student_vars, mesh)
-        artifacts.write_category(workdir, evaluation, config)
-        rows[category] = artifacts.row(evaluation)
+    eval_mesh = sharding.make_mesh()
+    for outcome in outcomes:
+        job = outcome.job
+        if outcome.failed:
+            rows[job.name] = {"status": "failed", "error": outcome.failed}
+            artifacts.write_failure(job.directory, job.category, outcome.failed, job.config)
+            continue
+        evaluation = evaluate.evaluate_category(job.config, source, job.category, outcome.model,
+                                                outcome.teacher_vars, outcome.student_vars, eval_mesh)
+        artifacts.write_category(job.directory, evaluation, job.config)
+        rows[job.name] = artifacts.row(evaluation)
     artifacts.write_summary(workdir, rows)
+    failed = [name for name, r in rows.items() if r.get("status") == "failed"]
+    if failed:
+        raise JobsFailedError(f"{len(failed)} of {len(rows)} job(s) failed ({', '.join(failed)}); the others' "
+                         f"results are in {workdir}. " + " ".join(f"{n}: {rows[n]['error']}" for n in failed),
+                         rows)
     return rows
+
+
+class JobsFailedError(RuntimeError):
+    """Some jobs of a run failed; the others finished and were written (``rows``: all of them)."""
+
+    def __init__(self, message: str, rows: dict[str, dict]):
+        super().__init__(message)
+        self.rows = rows
+
+
+def _load(job: jobs_lib.Job) -> train.Outcome:
+    mesh = sharding.make_mesh()
+    model, teacher_vars, student_vars = workdir_lib.load_trained(job.config, job.workdir, job.category, mesh)
+    return train.Outcome(job, model, teacher_vars, student_vars)
 
 
 def sweep(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]) -> dict[str, dict]:
@@ -70,13 +96,19 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]
     unknown = [m for m in models if m not in ABLATIONS]
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; choose from {list(ABLATIONS)}.")
-    results = {}
+    results, errors = {}, []
     for name in models:
         cfg = copy.deepcopy(config)
         ABLATIONS[name](cfg)
         logging.info("sweep: %s", name)
-        results[name] = train_and_evaluate(cfg, os.path.join(workdir, name))
+        try:
+            results[name] = train_and_evaluate(cfg, os.path.join(workdir, name))
+        except JobsFailedError as e:  # the ablation's other jobs finished: keep them, go on
+            results[name], errors = e.rows, errors + [f"{name}: {e}"]
     if jax.process_index() == 0:
-        reports.write_ablation_table(workdir, {m: [{"category": c, **r} for c, r in res.items()]
-                                               for m, res in results.items()})
+        reports.write_ablation_table(workdir, {
+            m: [{"category": c, **r} for c, r in res.items() if r.get("status") != "failed"]
+            for m, res in results.items()})
+    if errors:
+        raise JobsFailedError(" ".join(errors), {})
     return results

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 # Environment variables that mean "this process is one of several" on common clusters.
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
 
@@ -64,6 +65,64 @@ def _has_accelerator_hint() -> bool:
 def make_mesh() -> Mesh:
     """A 1-D mesh over every device of every host, axis ``data``."""
     return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def plan_mesh(num_jobs: int, batch_size: int, data: int | str = "auto", model: int | str = "auto",
+              num_devices: int | None = None, processes: int | None = None) -> tuple[int, int]:
+    """``(model, data)``: devices along the job axis and devices per job's batch.
+
+    ``data`` divides ``batch_size``. Auto on one process: one device per job (a small model's
+    batch fits one), ``model = min(jobs, devices)``, jobs beyond that stacked on the devices.
+    On several processes every device is used (``model * data`` = devices, so every host takes
+    part), with the fewest padding jobs.
+    """
+    n = jax.device_count() if num_devices is None else num_devices
+    hosts = jax.process_count() if processes is None else processes
+    if data != "auto":
+        data = int(data)
+        if data < 1 or data > n or batch_size % data:
+            raise ValueError(f"config.mesh.data={data} must divide train.batch_size={batch_size} and "
+                             f"be at most the {n} devices.")
+    if model != "auto":
+        model = int(model)
+        if model < 1 or model > n:
+            raise ValueError(f"config.mesh.model={model} must be between 1 and the {n} devices.")
+    if data == "auto" and model == "auto":
+        divisors = [d for d in range(1, n + 1) if batch_size % d == 0]
+        if hosts > 1:
+            fits = [(-(-num_jobs // (n // d)) * (n // d), d) for d in divisors if n % d == 0]
+            data = min(fits)[1]
+        else:
+            data = 1
+    elif data == "auto":
+        data = max(d for d in range(1, n // model + 1) if batch_size % d == 0)
+    if model == "auto":
+        model = n // data if hosts > 1 else min(num_jobs, n // data)
+    if model * data > n:
+        raise ValueError(f"config.mesh.model={model} x mesh.data={data} needs {model * data} devices; "
+                         f"there are {n}.")
+    return model, data
+
+
+def make_job_mesh(model: int, data: int) -> Mesh:
+    """A ``(model, data)`` mesh over the first ``model * data`` devices (all of them on several hosts)."""
+    devices = np.asarray(jax.devices()[: model * data]).reshape(model, data)
+    if jax.process_count() > 1:
+        hosts = {d.process_index for d in devices.flat}
+        if len(hosts) < jax.process_count():
+            raise ValueError(f"mesh.model={model} x mesh.data={data} leaves hosts without devices; "
+                             "use every device (mesh.model=auto, mesh.data=auto).")
+    return Mesh(devices, (MODEL_AXIS, DATA_AXIS))
+
+
+def job_sharding(mesh: Mesh) -> NamedSharding:
+    """Stacked per-job values: the leading (job) axis over ``model``."""
+    return NamedSharding(mesh, P(MODEL_AXIS))
+
+
+def job_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Per-job batches ``[job, example, ...]``: jobs over ``model``, examples over ``data``."""
+    return NamedSharding(mesh, P(MODEL_AXIS, DATA_AXIS))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -42,8 +42,16 @@ class TeacherCache:
         self.nbytes = int(sum(x.nbytes for x in jax.tree.leaves(self.features)))
 
     def lookup(self, indices: np.ndarray) -> Any:
-        rows = np.asarray([self.row[int(i)] for i in indices])
-        return jax.tree.map(lambda x: x[rows], self.features)
+        """Features of the images ``indices``; zeros for padding rows (index -1)."""
+        rows = np.asarray([self.row.get(int(i), 0) for i in indices])
+        pad = np.asarray(indices) < 0
+
+        def take(x):
+            out = x[rows]
+            out[pad] = 0
+            return out
+
+        return jax.tree.map(take, self.features)
 
 
 def use_cache(train_cfg: ml_collections.ConfigDict, per_image: int, n_images: int) -> bool:

@@ -1,9 +1,12 @@
-"""Training: create_train_state, train_step and the per-category loop (flax imagenet style).
+"""Training: create_train_state, train_step and the loop over a group of jobs (flax imagenet
+style, many models at once).
 
-One ``jax.jit`` over a device ``Mesh``: the batch is split on the ``data`` axis over all
-devices of all hosts, students' parameters and optimizer state are replicated, BatchNorm
-statistics are those of the global batch. The frozen teachers run in inference mode and
-receive no gradient; their features can be computed once and reused across epochs.
+A group's jobs (same architecture; one per category and seed) are stacked on a leading axis
+sharded over the mesh's ``model`` axis and trained by one jitted, vmapped step; each job's
+batch is split over its ``data`` devices, its BatchNorm statistics are those of its own batch.
+A job that has run out of steps this epoch (categories differ in size), has finished, or has
+failed waits, masked: its state is left untouched. The frozen teachers run in inference mode
+and receive no gradient; their features can be computed once and reused across epochs.
 """
 
 from __future__ import annotations
@@ -23,28 +26,39 @@ import numpy as np
 import optax
 from absl import logging
 
-from rstpm_jax import checkpoints, losses, sharding, teacher_cache
+from rstpm_jax import checkpoints, fleet, losses, sharding, teacher_cache
 from rstpm_jax import workdir as workdir_lib
 from rstpm_jax.data.sources import Source
+from rstpm_jax.jobs import Job
 from rstpm_jax.metric_log import MetricLog
+from rstpm_jax.models import layers
 from rstpm_jax.models.rstpm import RSTPM, feature_pairs
 from rstpm_jax.ops import compile_options
 from rstpm_jax.registry import Bound
 from rstpm_jax.state import TrainState, create_train_state  # noqa: F401 - the train API
 
 Array = jax.Array
+# Test-only: "SLOT:STEP" makes that slot's images NaN at that step of the group (1-based).
+INJECT_NAN_ENV = "RSTPM_TEST_INJECT_NAN"
 
 
-def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feats: Any = None, *,
-               model: RSTPM, loss_fn: Callable) -> tuple[TrainState, dict[str, Array]]:
-    """One SGD step of the students on a global batch; returns the new state and metrics."""
+def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feats: Any = None,
+               valid: Array | None = None, *, model: RSTPM,
+               loss_fn: Callable) -> tuple[TrainState, dict[str, Array]]:
+    """One SGD step of one job's students on its batch; returns the new state and metrics.
+
+    ``valid`` (``(B,)``, 0 = padding of a partial last batch): padded examples count nowhere,
+    neither in the loss (a mean over the valid examples) nor in any BatchNorm's statistics.
+    """
     if teacher_feats is None:
         teacher_feats = model.teacher_features(teacher_vars, images)
 
     def loss_of(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
+        if valid is not None:
+            variables[layers.MASK_COLLECTION] = layers.batch_norm_masks(state.batch_stats, valid)
         student, updates = model.student_features(variables, images, teacher_feats, train=True)
-        loss, metrics = loss_fn(feature_pairs(teacher_feats, student))
+        loss, metrics = loss_fn(feature_pairs(teacher_feats, student), valid)
         return loss, (metrics, updates["batch_stats"])
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
@@ -55,172 +69,326 @@ def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feat
     return state, metrics
 
 
-@functools.lru_cache(maxsize=8)
-def compile_train_step(model: RSTPM, loss_fn: Bound, mesh: jax.sharding.Mesh,
-                       cached: bool) -> Callable:
-    """``train_step`` jitted over ``mesh`` (batch sharded, the rest replicated, state donated).
+def group_step(states: TrainState, teacher_vars: Any, images: Array, valid: Array, active: Array,
+               teacher_feats: Any = None, *, model: RSTPM, loss_fn: Callable,
+               shared_teachers: bool) -> tuple[TrainState, dict[str, Array]]:
+    """``train_step`` of every slot at once (vmapped over the leading axis); a slot that is not
+    ``active``, or whose step is not finite, keeps its state."""
+    def one(state, tv, x, v, a, feats):
+        new, metrics = train_step(state, tv, x, feats, v, model=model, loss_fn=loss_fn)
+        keep = a & (metrics["finite"] > 0)
+        new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state)
+        return new, metrics
 
-    Memoised (the model and the bound loss compare by value), so every category of a run
-    reuses one compiled step."""
-    repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    step = functools.partial(train_step, model=model, loss_fn=loss_fn)
-    if cached:
-        return compile_options.jit(step, in_shardings=(repl, repl, batch, batch),
-                                   out_shardings=(repl, repl), donate_argnums=(0,))
-    return compile_options.jit(lambda s, t, x: step(s, t, x), in_shardings=(repl, repl, batch),
-                               out_shardings=(repl, repl), donate_argnums=(0,))
+    axes = (0, None if shared_teachers else 0, 0, 0, 0, None if teacher_feats is None else 0)
+    return jax.vmap(one, in_axes=axes)(states, teacher_vars, images, valid, active, teacher_feats)
+
+
+@functools.lru_cache(maxsize=8)
+def compile_group_step(model: RSTPM, loss_fn: Bound, mesh: jax.sharding.Mesh, cached: bool,
+                       shared_teachers: bool) -> Callable:
+    """:func:`group_step` jitted over a ``(model, data)`` mesh: slots over ``model``, each
+    slot's examples over ``data``; states donated; metrics replicated.
+
+    Arguments ``(states, teachers, images, valid, active[, teacher_feats])``. Memoised (the
+    model and the bound loss compare by value): every group of one architecture shares it."""
+    slots, batch = sharding.job_sharding(mesh), sharding.job_batch_sharding(mesh)
+    teachers = sharding.replicated(mesh) if shared_teachers else slots
+    step = functools.partial(group_step, model=model, loss_fn=loss_fn, shared_teachers=shared_teachers)
+    ins = (slots, teachers, batch, batch, slots) + ((batch,) if cached else ())
+    return compile_options.jit(step, in_shardings=ins, out_shardings=(slots, sharding.replicated(mesh)),
+                               donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- one job
 
 
 @dataclasses.dataclass
-class Run:
-    """What training one category needs: its model, teachers, state and where it writes."""
+class JobRun:
+    """A job's side of a group: where it resumes, how many steps its epochs have, its logs."""
 
-    config: ml_collections.ConfigDict
-    source: Source
-    category: str
-    mesh: jax.sharding.Mesh
-    model: RSTPM
-    teacher_vars: Any  # replicated over the mesh
-    teacher_host: Any  # the same on the host (for the feature cache)
-    state: TrainState
+    job: Job
+    state: TrainState  # host copy (NumPy) at start
+    teacher_host: Any
     start_epoch: int
-    manager: Any  # orbax CheckpointManager of the category
+    steps: int  # per epoch
+    manager: Any  # orbax CheckpointManager
+    log: MetricLog
+    cache: teacher_cache.TeacherCache | None = None
+    failed: str | None = None
 
     @property
     def epochs(self) -> int:
-        return int(self.config.train.epochs)
+        return int(self.job.config.train.epochs)
+
+    def active_in(self, epoch: int) -> bool:
+        return self.failed is None and self.start_epoch <= epoch < self.epochs
 
 
-def restore_or_init(config: ml_collections.ConfigDict, workdir: str, source: Source, category: str,
-                    mesh: jax.sharding.Mesh) -> Run:
-    """A fresh state (teachers saved to the workdir once) or the category's latest checkpoint."""
-    model = workdir_lib.create_model(config)
+def num_train_images(config: ml_collections.ConfigDict, source: Source, category: str) -> int:
+    from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
+    return input_pipeline.num_examples(source.root, category, "train", float(config.data.holdout_fraction),
+                                       int(config.seed), source.tfds_dir)
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, source: Source, category: str) -> int:
+    from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
+
+    n, gbs = num_train_images(config, source, category), int(config.train.batch_size)
+    drop = bool(config.train.get("drop_last", False))
+    steps = input_pipeline.train_steps(n, gbs, drop)
+    if steps == 0:
+        raise ValueError(f"{category}: {n} training images (after holding out data.holdout_fraction="
+                         f"{config.data.holdout_fraction}) is fewer than config.train.batch_size={gbs} "
+                         "with train.drop_last=True; lower the batch size or set train.drop_last=False.")
+    return steps
+
+
+def restore_or_init(job: Job, model: RSTPM, source: Source, mesh: jax.sharding.Mesh) -> JobRun:
+    """A job's fresh state (its run's teachers saved once) or its latest checkpoint, on the host."""
+    config = job.config
     state, random_teachers = workdir_lib.init_state(config, model)
-    teacher_host = checkpoints.teacher_variables(config.model, random_teachers)
-    teacher_vars = sharding.replicate(teacher_host, mesh)
-    if not os.path.isdir(workdir_lib.teachers_dir(workdir)):
-        checkpoints.save_variables(workdir_lib.teachers_dir(workdir), teacher_vars)
-    state = sharding.replicate(state, mesh)
-    manager = checkpoints.checkpoint_manager(workdir_lib.checkpoint_dir(workdir, category),
+    teacher_host = jax.device_get(checkpoints.teacher_variables(config.model, random_teachers))
+    if not os.path.isdir(workdir_lib.teachers_dir(job.workdir)):
+        checkpoints.save_variables(workdir_lib.teachers_dir(job.workdir),
+                                   sharding.replicate(teacher_host, mesh))
+    manager = checkpoints.checkpoint_manager(workdir_lib.checkpoint_dir(job.workdir, job.category),
                                              config.train.keep_checkpoints)
     start_epoch = 0
     latest = manager.latest_step()
     if latest is not None:
-        state, meta = checkpoints.restore(manager, latest, state)
-        start_epoch = int(meta["epoch"])
-        logging.info("%s: resumed from the checkpoint of epoch %d.", category, start_epoch)
-    return Run(config, source, category, mesh, model, teacher_vars, teacher_host, state,
-               start_epoch, manager)
+        restored, meta = checkpoints.restore(manager, latest, sharding.replicate(state, mesh))
+        state, start_epoch = fleet.host_copy(restored), int(meta["epoch"])
+        logging.info("%s: resumed from the checkpoint of epoch %d.", job.name, start_epoch)
+    else:
+        state = jax.device_get(state)
+    return JobRun(job, state, teacher_host, start_epoch, steps_per_epoch(config, source, job.category),
+                  manager, MetricLog(job.directory))
 
 
-def steps_per_epoch(run: Run) -> int:
+def build_teacher_cache(run: JobRun, model: RSTPM, source: Source) -> teacher_cache.TeacherCache:
+    """The teachers' features of every training image of the job (on this host)."""
     from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
 
-    holdout, gbs = float(run.config.data.holdout_fraction), int(run.config.train.batch_size)
-    n_train = input_pipeline.num_examples(run.source.root, run.category, "train", holdout,
-                                          run.config.seed, run.source.tfds_dir)
-    if n_train < gbs:
-        raise ValueError(f"{run.category}: {n_train} training images (after holding out "
-                         f"data.holdout_fraction={holdout}) is fewer than config.train.batch_size={gbs}; "
-                         "lower the batch size.")
-    return n_train // gbs
-
-
-def build_teacher_cache(run: Run) -> teacher_cache.TeacherCache | None:
-    """The teachers' features of every training image, when ``train.cache_teacher_features`` allows."""
-    from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
-
-    cfg, size = run.config, int(run.config.data.image_size)
-    holdout = float(cfg.data.holdout_fraction)
-    n_train = input_pipeline.num_examples(run.source.root, run.category, "train", holdout, cfg.seed,
-                                          run.source.tfds_dir)
-    per_image = teacher_cache.feature_bytes(run.model, run.teacher_vars, size)
-    if not teacher_cache.use_cache(cfg.train, per_image, n_train):
-        return None
-    # Every host caches the whole split: the global shuffle gives each host any image.
-    t0 = time.time()
+    cfg, t0 = run.job.config, time.time()
+    # Every host caches the whole split: the job's shuffle gives each host any image.
     images, indices = input_pipeline.load_images(
-        run.source.root, run.category, "train", image_size=size, holdout_fraction=holdout,
-        seed=cfg.seed, process_index=0, process_count=1, data_dir=run.source.tfds_dir)
-    cache = teacher_cache.TeacherCache(run.model, run.teacher_host, images, indices,
-                                       int(cfg.train.batch_size) // jax.process_count())
-    logging.info("%s: cached teacher features of %d images: %.1f MB in %.1f s.", run.category,
+        source.root, run.job.category, "train", image_size=int(cfg.data.image_size),
+        holdout_fraction=float(cfg.data.holdout_fraction), seed=int(cfg.seed), process_index=0,
+        process_count=1, data_dir=source.tfds_dir)
+    cache = teacher_cache.TeacherCache(model, run.teacher_host, images, indices,
+                                       int(cfg.train.batch_size))
+    logging.info("%s: cached teacher features of %d images: %.1f MB in %.1f s.", run.job.name,
                  len(images), cache.nbytes / 2**20, time.time() - t0)
     return cache
 
 
-def train_epoch(run: Run, epoch: int, steps: int, step_fn: Callable,
-                cache: teacher_cache.TeacherCache | None, log: MetricLog, bar: Any) -> None:
-    """One epoch of ``steps`` steps on this host's shard of the (seed, epoch) order; updates
-    ``run.state`` and logs every ``train.log_every_steps`` steps and at the epoch's end."""
-    from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
-
-    cfg = run.config
-    gbs, every = int(cfg.train.batch_size), max(1, int(cfg.train.log_every_steps))
-    batches = input_pipeline.train_dataset(
-        run.source.root, run.category, image_size=int(cfg.data.image_size), global_batch_size=gbs,
-        seed=cfg.seed, epoch=epoch, holdout_fraction=float(cfg.data.holdout_fraction),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        data_dir=run.source.tfds_dir)
-    pending, t_start = [], time.time()
-    for i in range(steps):
-        batch = next(batches)
-        images = sharding.to_global(batch["image"], run.mesh)
-        if cache is not None:
-            feats = sharding.to_global(cache.lookup(batch["index"]), run.mesh)
-            run.state, metrics = step_fn(run.state, run.teacher_vars, images, feats)
-        else:
-            run.state, metrics = step_fn(run.state, run.teacher_vars, images)
-        pending.append(metrics)
-        bar.update(1)
-        if len(pending) == every or i + 1 == steps:
-            step = epoch * steps + i + 1
-            values = _mean_metrics(pending)
-            _check_finite(values, run.category, epoch, step, run.manager)
-            values["images_per_s"] = len(pending) * gbs / max(time.time() - t_start, 1e-9)
-            values["epoch"] = epoch + 1
-            bar.set_postfix(epoch=epoch + 1, **{k: f"{values[k]:.4f}" for k in
-                                                ("student1", "student2") if k in values},
-                            img_s=f"{values['images_per_s']:.1f}")
-            log.write(step, values)
-            pending, t_start = [], time.time()
+# ----------------------------------------------------------------------------- a group
 
 
-def train_category(config: ml_collections.ConfigDict, workdir: str, source: Source, category: str,
-                   mesh: jax.sharding.Mesh) -> tuple[RSTPM, Any, TrainState]:
-    """Train (or resume) the students for one category; returns model, teachers, final state."""
-    sharding.check_batch_size(int(config.train.batch_size))
-    run = restore_or_init(config, workdir, source, category, mesh)
+@dataclasses.dataclass
+class Outcome:
+    """A trained job: its final students (replicated over the group's devices) or its failure."""
+
+    job: Job
+    model: RSTPM
+    teacher_vars: Any = None
+    student_vars: Any = None
+    failed: str | None = None
+
+
+def _same_tree(a: Any, b: Any) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def _per_device_bytes(runs: list[JobRun], layout: fleet.Layout, shared: bool) -> dict[str, float]:
+    """What the group holds per device (stacked states and teachers) and on this host (caches)."""
+    per_state = sum(np.asarray(x).nbytes for x in jax.tree.leaves(runs[0].state))
+    per_teacher = sum(np.asarray(x).nbytes for x in jax.tree.leaves(runs[0].teacher_host))
+    slots_per_device = layout.slots // layout.model
+    return {"states": per_state * slots_per_device,
+            "teachers": per_teacher * (1 if shared else slots_per_device),
+            "host_caches": float(sum(r.cache.nbytes for r in runs if r.cache is not None))}
+
+
+def train_group(jobs: list[Job], source: Source, mesh_cfg: Any) -> list[Outcome]:
+    """Train (or resume) every job of a group side by side; returns each one's outcome."""
+    config = jobs[0].config
+    batch = int(config.train.batch_size)
+    layout = fleet.make_layout(len(jobs), batch, mesh_cfg)
+    model = workdir_lib.create_model(config)
+    runs = [restore_or_init(job, model, source, layout.mesh) for job in jobs]
     try:
-        if run.start_epoch < run.epochs:
-            _train(run, workdir)
+        if any(r.start_epoch < r.epochs for r in runs):
+            _train(runs, model, source, layout)
     finally:
-        run.manager.close()
-    logging.info("%s: process %d of %d: parameter fingerprint %s", category, jax.process_index(),
-                 jax.process_count(), parameter_fingerprint(run.state.params))
-    return run.model, run.teacher_vars, run.state
+        for r in runs:
+            r.manager.close()
+            r.log.close()
+    return _outcomes(runs, model, layout)
 
 
-def _train(run: Run, workdir: str) -> None:
+def _outcomes(runs: list[JobRun], model: RSTPM, layout: fleet.Layout) -> list[Outcome]:
+    out = []
+    for r in runs:
+        if r.failed:
+            out.append(Outcome(r.job, model, failed=r.failed))
+            continue
+        state = r.final_state if hasattr(r, "final_state") else r.state
+        state = sharding.replicate(jax.device_get(state), layout.mesh)
+        logging.info("%s: process %d of %d: parameter fingerprint %s", r.job.name, jax.process_index(),
+                     jax.process_count(), parameter_fingerprint(state.params))
+        out.append(Outcome(r.job, model, sharding.replicate(r.teacher_host, layout.mesh),
+                           {"params": state.params, "batch_stats": state.batch_stats}))
+    return out
+
+
+def _train(runs: list[JobRun], model: RSTPM, source: Source, layout: fleet.Layout) -> None:
     from tqdm import tqdm  # noqa: PLC0415
 
-    steps = steps_per_epoch(run)
-    cache = build_teacher_cache(run)
-    step_fn = compile_train_step(run.model, losses.from_config(run.config.loss, run.config.maps),
-                                 run.mesh, cached=cache is not None)
-    log = MetricLog(workdir_lib.category_dir(workdir, run.category))
-    bar = tqdm(total=run.epochs * steps, initial=run.start_epoch * steps, desc=run.category,
-               disable=jax.process_index() != 0, dynamic_ncols=True)
-    every = int(run.config.train.checkpoint_every_epochs)
+    config = runs[0].job.config
+    shared = all(_same_tree(r.teacher_host, runs[0].teacher_host) for r in runs)
+    per_image = teacher_cache.feature_bytes(model, runs[0].teacher_host, int(config.data.image_size))
+    total_images = sum(num_train_images(r.job.config, source, r.job.category) for r in runs)
+    cached = teacher_cache.use_cache(config.train, per_image, total_images)
+    if cached:
+        for r in runs:
+            r.cache = build_teacher_cache(r, model, source)
+    held = _per_device_bytes(runs, layout, shared)
+    logging.info("group of %d job(s) on a %d x %d (model x data) mesh, %d slot(s): per device %.1f MB "
+                 "of stacked states and %.1f MB of teachers; %.1f MB of teacher-feature caches on this host.",
+                 len(runs), layout.model, layout.data, layout.slots, held["states"] / 2**20,
+                 held["teachers"] / 2**20, held["host_caches"] / 2**20)
+    pad = [runs[0]] * (layout.slots - len(runs))  # padding slots: copies, never active
+    states = fleet.put_slots(fleet.stack([r.state for r in runs + pad]), layout)
+    teachers = (sharding.replicate(runs[0].teacher_host, layout.mesh) if shared else
+                fleet.put_slots(fleet.stack([r.teacher_host for r in runs + pad]), layout))
+    step_fn = compile_group_step(model, losses.from_config(config.loss, config.maps), layout.mesh,
+                                 cached, shared)
+    local = layout.local_rows()
+    first = min(r.start_epoch for r in runs)
+    last = max(r.epochs for r in runs)
+    max_steps = max(r.steps for r in runs)
+    bar = tqdm(total=sum(r.steps * (r.epochs - r.start_epoch) for r in runs),
+               desc=f"{len(runs)} job(s)", disable=jax.process_index() != 0, dynamic_ncols=True)
+    inject = _injected_nan()
+    group_step_index = 0
     try:
-        for epoch in range(run.start_epoch, run.epochs):
-            train_epoch(run, epoch, steps, step_fn, cache, log, bar)
-            if (epoch + 1) % every == 0 or epoch + 1 == run.epochs:
-                checkpoints.save(run.manager, epoch + 1, run.state,
-                                 {"epoch": epoch + 1, "step": (epoch + 1) * steps})
+        for epoch in range(first, last):
+            states = _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
+                            max_steps, bar, inject, group_step_index)
+            group_step_index += max_steps
+            _save(runs, epoch, states, layout)
     finally:
         bar.close()
-        log.close()
+    for slot, r in enumerate(runs):
+        r.final_state = fleet.host_copy(fleet.take(states, slot, layout))
+
+
+def _injected_nan() -> tuple[int, int] | None:
+    spec = os.environ.get(INJECT_NAN_ENV)
+    if not spec:
+        return None
+    slot, step = spec.split(":")
+    return int(slot), int(step)
+
+
+def _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model, max_steps, bar,
+           inject, step_offset):
+    """One epoch of the group: ``max_steps`` steps; a job with fewer steps waits for the rest."""
+    from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
+
+    config = runs[0].job.config
+    size, batch = int(config.data.image_size), int(config.train.batch_size)
+    every = max(1, int(config.train.log_every_steps))
+    drop = bool(config.train.get("drop_last", False))
+    iters = {}
+    for slot, r in enumerate(runs):
+        if slot in local and r.active_in(epoch):
+            cfg = r.job.config
+            iters[slot] = input_pipeline.train_dataset(
+                source.root, r.job.category, image_size=size, global_batch_size=batch, seed=int(cfg.seed),
+                epoch=epoch, holdout_fraction=float(cfg.data.holdout_fraction), rows=local[slot],
+                data_dir=source.tfds_dir, drop_last=drop)
+    like = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32),
+            "valid": jax.ShapeDtypeStruct((batch,), np.float32)}
+    cached = runs[0].cache is not None
+    if cached:
+        like["feats"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch, *x.shape[1:]), x.dtype),
+                                     runs[0].cache.features)
+    pending: dict[int, list] = {slot: [] for slot in range(len(runs))}
+    t_start = time.time()
+    for i in range(max_steps):
+        active = np.zeros(layout.slots, bool)
+        host = {}
+        for slot, r in enumerate(runs):
+            active[slot] = r.active_in(epoch) and i < r.steps
+            if active[slot] and slot in iters:
+                b = next(iters[slot])
+                host[slot] = {"image": b["image"], "valid": b["valid"].astype(np.float32)}
+                if inject and inject == (slot, step_offset + i + 1):
+                    host[slot]["image"] = np.full_like(b["image"], np.nan)
+                if cached:
+                    host[slot]["feats"] = r.cache.lookup(b["index"])
+        arrays = fleet.put_batches(host, like, layout)
+        act = fleet.put_slots(active, layout)
+        if cached:
+            states, metrics = step_fn(states, teachers, arrays["image"], arrays["valid"], act, arrays["feats"])
+        else:
+            states, metrics = step_fn(states, teachers, arrays["image"], arrays["valid"], act)
+        for slot in np.flatnonzero(active[:len(runs)]):
+            pending[slot].append(metrics)
+        bar.update(int(active[:len(runs)].sum()))
+        ends = [s for s, r in enumerate(runs) if active[s] and (len(pending[s]) == every or i + 1 == r.steps)]
+        if ends:
+            t = time.time()
+            values = _log(runs, ends, pending, epoch, i, t - t_start, batch)
+            bar.set_postfix_str(_postfix(values, batch, t - t_start), refresh=False)
+            t_start = t
+    return states
+
+
+def _log(runs: list[JobRun], slots: list[int], pending: dict, epoch: int, i: int, seconds: float,
+         batch: int) -> dict[int, dict[str, float]]:
+    """Mean metrics of each slot's pending steps -> its metrics.jsonl; marks non-finite jobs failed."""
+    out = {}
+    for slot in slots:
+        r = runs[slot]
+        host = jax.device_get(pending[slot])
+        values = {k: float(np.mean([m[k][slot] for m in host])) for k in host[0]}
+        finite = values.pop("finite") >= 1.0 and np.isfinite(values["loss"])
+        step = epoch * r.steps + i + 1
+        if not finite:
+            last = r.manager.latest_step()
+            kept = f"the last good checkpoint (epoch {last}) is kept" if last else "no checkpoint was saved yet"
+            r.failed = (f"the training loss or gradient became NaN/inf at epoch {epoch + 1}, step {step}; "
+                        f"{kept} in {r.manager.directory}; the job stopped there, the others went on. "
+                        "Lower config.train.learning_rate or check the input data.")
+            logging.error("%s: %s", r.job.name, r.failed)
+        values["images_per_s"] = len(host) * batch / max(seconds, 1e-9)
+        values["epoch"] = epoch + 1
+        r.log.write(step, values)
+        pending[slot] = []
+        out[slot] = values
+    return out
+
+
+def _postfix(values: dict[int, dict[str, float]], batch: int, seconds: float) -> str:
+    losses_ = " ".join(f"{s}:{v['loss']:.4f}" for s, v in sorted(values.items())[:8])
+    return f"epoch {max(v['epoch'] for v in values.values()):.0f} loss[{losses_}]"
+
+
+def _save(runs: list[JobRun], epoch: int, states: Any, layout: fleet.Layout) -> None:
+    """Each job active this epoch saves a checkpoint every ``train.checkpoint_every_epochs`` and
+    at its last epoch."""
+    for slot, r in enumerate(runs):
+        cfg = r.job.config.train
+        if not r.active_in(epoch):
+            continue
+        if (epoch + 1) % int(cfg.checkpoint_every_epochs) == 0 or epoch + 1 == r.epochs:
+            checkpoints.save(r.manager, epoch + 1, fleet.take(states, slot, layout),
+                             {"epoch": epoch + 1, "step": (epoch + 1) * r.steps})
 
 
 def parameter_fingerprint(params: Any) -> str:
@@ -229,17 +397,3 @@ def parameter_fingerprint(params: Any) -> str:
     for leaf in jax.tree.leaves(params):
         digest.update(np.ascontiguousarray(leaf.addressable_shards[0].data).tobytes())
     return digest.hexdigest()[:16]
-
-
-def _mean_metrics(pending: list[dict]) -> dict[str, float]:
-    host = jax.device_get(pending)
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-
-
-def _check_finite(values: dict[str, float], category: str, epoch: int, step: int, manager) -> None:
-    if values.pop("finite") < 1.0 or not np.isfinite(values["loss"]):
-        last = manager.latest_step()
-        kept = f"the last good checkpoint (epoch {last}) is kept" if last else "no checkpoint was saved yet"
-        raise FloatingPointError(
-            f"{category}: the training loss or gradient became NaN/inf at epoch {epoch + 1}, step {step}; {kept} "
-            f"in {manager.directory}. Lower config.train.learning_rate or check the input data.")

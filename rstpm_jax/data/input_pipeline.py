@@ -212,7 +212,7 @@ class Batches:
 
 
 def _dataset(load, indices: np.ndarray, local_batch: int, pad: int, size: tuple[int, int],
-             normalize: bool = True):
+             normalize: bool = True, with_mask: bool = True):
     tf = _tf()
     scale, offset = tf.constant(NORM_SCALE), tf.constant(NORM_OFFSET)
 
@@ -226,25 +226,29 @@ def _dataset(load, indices: np.ndarray, local_batch: int, pad: int, size: tuple[
     if pad:
         h, w = size
         filler = {"image": tf.zeros((h, w, 3), tf.float32), "index": tf.constant(-1, tf.int32),
-                  "mask": tf.zeros((h, w), tf.uint8), "label": tf.constant(0, tf.int32),
                   "valid": tf.constant(False)}
+        if with_mask:
+            filler.update(mask=tf.zeros((h, w), tf.uint8), label=tf.constant(0, tf.int32))
         ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
     ds = ds.batch(local_batch, drop_remainder=False)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-# One entry: the decoded, resized training images of the category being trained.
+# The decoded, resized training images of the categories being trained (oldest dropped first
+# past the byte budget of the latest call).
 _PIXEL_CACHE: dict[tuple, Any] = {}
 
 
 def _cached_loader(items: list[mvtec.TestItem], root: str, category: str, size: tuple[int, int],
-                   data_dir: str | None):
+                   data_dir: str | None, max_bytes: int):
     """Decodes and resizes every training image once; later epochs gather from memory."""
     tf = _tf()
     stamp = (lambda p: 0) if data_dir else (lambda p: os.stat(p).st_mtime_ns)
     key = (tuple((it.path, stamp(it.path)) for it in items), size, data_dir)
     if key not in _PIXEL_CACHE:
-        _PIXEL_CACHE.clear()
+        need = len(items) * size[0] * size[1] * 3
+        while _PIXEL_CACHE and sum(int(v.shape.num_elements()) for v in _PIXEL_CACHE.values()) + need > max_bytes:
+            _PIXEL_CACHE.pop(next(iter(_PIXEL_CACHE)))
         load = _loader(items, root, category, "train", size, data_dir, with_mask=False)
         ds = _dataset(load, np.arange(len(items)), 64, 0, size, normalize=False)
         batches = list(Batches(ds, 0, [it.path for it in items]))
@@ -253,30 +257,57 @@ def _cached_loader(items: list[mvtec.TestItem], root: str, category: str, size: 
     return lambda i: {"image": tf.gather(pixels, i), "index": i}
 
 
-def train_dataset(root: str, category: str, *, image_size: int | Sequence[int], global_batch_size: int,
-                  seed: int, epoch: int, holdout_fraction: float, process_index: int | None = None,
-                  process_count: int | None = None, data_dir: str | None = None,
-                  cache_max_bytes: int = 4 * 2**30) -> Batches:
-    """One epoch of {"image": (L,H,W,3) float32, "index": (L,) int32}; order from (seed, epoch) only.
+def train_steps(num_images: int, global_batch_size: int, drop_last: bool) -> int:
+    """Steps in an epoch: ``n // batch`` dropping the last partial batch, else ``ceil(n / batch)``."""
+    return num_images // global_batch_size if drop_last else -(-num_images // global_batch_size)
 
-    When the resized uint8 images fit in ``cache_max_bytes`` they are decoded once per process
-    and kept in memory for later epochs (same values as decoding each time).
+
+def train_dataset(root: str, category: str, *, image_size: int | Sequence[int], global_batch_size: int,
+                  seed: int, epoch: int, holdout_fraction: float, rows: tuple[int, int] | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  data_dir: str | None = None, drop_last: bool = True,
+                  cache_max_bytes: int = 4 * 2**30) -> Batches:
+    """One epoch of {"image": (R,H,W,3) float32, "index": (R,) int32, "valid": (R,) bool}; the
+    order comes from (seed, epoch) only.
+
+    Each global batch holds ``global_batch_size`` positions of the epoch's order; this process
+    reads rows ``rows = (lo, hi)`` of each (default: its share ``p*L:(p+1)*L`` by process). With
+    ``drop_last=False`` the last partial batch is kept and filled with padding rows
+    (``valid=False``, ``index=-1``, zero images) up to the batch size. When the resized uint8
+    images fit in ``cache_max_bytes`` they are decoded once per process and kept in memory for
+    later epochs (same values as decoding each time).
     """
-    p, num_hosts = _host(process_index, process_count)
-    local = _local_batch(global_batch_size, num_hosts)
+    if rows is None:
+        p, num_hosts = _host(process_index, process_count)
+        local = _local_batch(global_batch_size, num_hosts)
+        rows = (p * local, (p + 1) * local)
+    lo, hi = rows
+    if not 0 <= lo < hi <= global_batch_size:
+        raise ValueError(f"rows {rows} not within a batch of {global_batch_size}.")
     items = _items(root, category, "train", holdout_fraction, seed, data_dir)
-    steps = len(items) // global_batch_size
+    steps = train_steps(len(items), global_batch_size, drop_last)
     if steps == 0:
         raise ValueError(f"train.batch_size={global_batch_size} exceeds the {len(items)} training images "
-                         f"of {category!r} (after the holdout); lower the batch size.")
-    order = np.random.default_rng([seed, epoch]).permutation(len(items))
-    mine = order[:steps * global_batch_size].reshape(steps, num_hosts, local)[:, p].reshape(-1)
+                         f"of {category!r} (after the holdout); lower the batch size or set "
+                         "train.drop_last=False.")
+    order = np.full(steps * global_batch_size, -1, np.int64)
+    used = min(len(items), steps * global_batch_size)
+    order[:used] = np.random.default_rng([seed, epoch]).permutation(len(items))[:used]
+    mine = order.reshape(steps, global_batch_size)[:, lo:hi].reshape(-1)
+    real = mine[mine >= 0]  # padding is the end of the last batch: it comes last here too
     size = hw(image_size)
     if len(items) * size[0] * size[1] * 3 <= cache_max_bytes:
-        load = _cached_loader(items, root, category, size, data_dir)
+        load = _cached_loader(items, root, category, size, data_dir, cache_max_bytes)
     else:
         load = _loader(items, root, category, "train", size, data_dir, with_mask=False)
-    return Batches(_dataset(load, mine, local, 0, size), steps, [items[i].path for i in mine])
+
+    tf = _tf()
+
+    def load_valid(i):
+        return {**load(i), "valid": tf.constant(True)}
+
+    ds = _dataset(load_valid, real, hi - lo, len(mine) - len(real), size, with_mask=False)
+    return Batches(ds, steps, [items[i].path for i in real])
 
 
 def eval_dataset(root: str, category: str, *, split: str = "test", image_size: int | Sequence[int],

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rstpm_jax.models.layers import example_mask
 from rstpm_jax.ops import batch_norm as batch_norm_ops
 from rstpm_jax.ops import conv as conv_ops
 from rstpm_jax.ops import pool
@@ -42,8 +43,9 @@ def ConvTranspose(features: int, kernel_size: Sequence[int], strides: Sequence[i
 
 
 class BatchNorm(nn.Module):
-    """``models.layers.BatchNorm`` (flax's, two-pass variance; same variables and update rule)
-    with a closed-form training gradient and, on CPU, channel sums as matrix products."""
+    """``models.layers.BatchNorm`` (flax's variables, two-pass variance, torch's unbiased
+    running variance, padded examples out of the statistics) with a closed-form training
+    gradient and, on CPU, channel sums as matrix products."""
 
     use_running_average: bool | None = None
     momentum: float = 0.9
@@ -51,7 +53,7 @@ class BatchNorm(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
         features = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
@@ -61,10 +63,13 @@ class BatchNorm(nn.Module):
             y = batch_norm_ops.normalize(x.astype(jnp.float32), ra_mean.value, ra_var.value, scale,
                                          bias, self.epsilon)
         else:
-            y, mean, var = batch_norm_ops.batch_norm_train(x, scale, bias, self.epsilon)
+            rows = example_mask(self, x, mask)
+            y, mean, var = batch_norm_ops.batch_norm_train(x, scale, bias, self.epsilon, rows)
             if not self.is_initializing():
+                n = batch_norm_ops.valid_count(x, rows)
+                unbiased = var * (n / jnp.maximum(n - 1.0, 1.0))
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
         return y.astype(self.dtype or x.dtype)
 
 
