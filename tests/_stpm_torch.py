@@ -19,7 +19,7 @@ converter's name table to lay torch tensors out as Flax variables for comparison
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -132,6 +132,7 @@ def flax_layout(net: torch.nn.Module | Mapping[str, torch.Tensor],
     layout (``{"params", "batch_stats"}``), float64, stages deeper than ``depth`` dropped,
     OIHW kernels -> HWIO; names the mapping lacks are left out."""
     from flax import traverse_util
+
     from pretrained_conversion import convert_torchvision as ct
 
     state = net.state_dict() if isinstance(net, torch.nn.Module) else net

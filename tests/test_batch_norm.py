@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from rstpm_jax.models import layers as model_layers
-from rstpm_jax.ops.layers import BatchNorm
 from rstpm_jax.ops.batch_norm import batch_norm_train, channel_sum
+from rstpm_jax.ops.layers import BatchNorm
 
 
 def _flax(train: bool, dtype=jnp.float32) -> nn.BatchNorm:
