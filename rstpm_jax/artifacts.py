@@ -39,7 +39,7 @@ def write_category(workdir: str, evaluation: Evaluation, config: ml_collections.
     metrics = {**evaluation.metrics, "num_test_images": evaluation.num_test_images}
     reports.write_category_results(cat_dir, evaluation.category, metrics, config.to_dict(),
                                    {"model": str(config.name), "thresholds": evaluation.thresholds,
-                                    "eval_seconds": evaluation.seconds})
+                                    "eval_seconds": evaluation.seconds, "selection": evaluation.selection})
     if config.eval.figures:
         write_figures(os.path.join(cat_dir, "figures"), evaluation)
 

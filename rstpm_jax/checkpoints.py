@@ -35,6 +35,11 @@ def restore(manager: ocp.CheckpointManager, epoch: int, abstract_state: Any) -> 
     return out["state"], out["meta"]
 
 
+def restore_meta(manager: ocp.CheckpointManager, epoch: int) -> dict:
+    """The JSON metadata saved with ``epoch``."""
+    return manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def save_variables(directory: str, variables: Any) -> None:
     """Write a variables tree once (e.g. the frozen teachers) beside the checkpoints."""
     with ocp.StandardCheckpointer() as ckptr:

@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Train the last partial batch of an epoch (padded, the padding masked out) as the
     # reference code does; True drops it.
     config.train.drop_last = False
+    # Which epoch's students are kept: "best_holdout" (the reference code's: the lowest mean
+    # final map over the held-out normal images, checked every select_every_epochs) or "last".
+    config.train.select_epoch = "best_holdout"
+    config.train.select_every_epochs = 1
     config.train.seeds = ""  # e.g. "0,1,2": one model per category and seed (default: config.seed)
     config.train.learning_rate = 0.4
     config.train.momentum = 0.9

@@ -36,6 +36,7 @@ class Evaluation:
     scores: list[tuple[str, int, float]] = dataclasses.field(default_factory=list)  # file, label, score
     examples: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # per defect type
     seconds: float = 0.0
+    selection: dict = dataclasses.field(default_factory=dict)  # which epoch (train.select_epoch)
 
 
 def eval_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
@@ -60,6 +61,20 @@ def run_split(config: ml_collections.ConfigDict, source: Source, category: str, 
         inputs = sharding.gather_to_all(sharding.to_global(batch, mesh))
         keep = inputs["valid"].astype(bool)
         yield jax.tree.map(lambda x, k=keep: x[k], (inputs, out))
+
+
+def holdout_score(config: ml_collections.ConfigDict, source: Source, category: str, infer,
+                  teacher_vars: Any, student_vars: Any, mesh: jax.sharding.Mesh) -> float:
+    """The mean of the final map over the held-out normal images (lower: better students), the
+    reference STPM code's epoch-selection criterion."""
+    total, count = 0.0, 0
+    for _, out in run_split(config, source, category, "holdout", infer, teacher_vars, student_vars, mesh):
+        total += float(np.sum(out["map"], dtype=np.float64))
+        count += out["map"].size
+    if not count:
+        raise ValueError(f"{category}: train.select_epoch=best_holdout needs held-out normal images; "
+                         "set data.holdout_fraction > 0 or train.select_epoch=last.")
+    return total / count
 
 
 def compute_thresholds(config: ml_collections.ConfigDict, source: Source, category: str, infer,

@@ -52,20 +52,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for run_dir, cfg in jobs_lib.run_dirs(planned).items():
             os.makedirs(run_dir, exist_ok=True)
             workdir_lib.save_config(run_dir, cfg)
-        outcomes = train.train_group(planned, source, config.mesh)
+        failures = train.train_group(planned, source, config.mesh)
     else:
-        outcomes = [_load(job) for job in planned]
+        failures = {}
     rows = {}
-    eval_mesh = sharding.make_mesh()
-    for outcome in outcomes:
-        job = outcome.job
-        if outcome.failed:
-            rows[job.name] = {"status": "failed", "error": outcome.failed}
-            artifacts.write_failure(job.directory, job.category, outcome.failed, job.config)
+    mesh = sharding.make_mesh()
+    for job in planned:
+        if failures.get(job.name):
+            rows[job.name] = {"status": "failed", "error": failures[job.name]}
+            artifacts.write_failure(job.directory, job.category, failures[job.name], job.config)
             continue
-        evaluation = evaluate.evaluate_category(job.config, source, job.category, outcome.model,
-                                                outcome.teacher_vars, outcome.student_vars, eval_mesh)
-        artifacts.write_category(job.directory, evaluation, job.config)
+        # The students the config selects (train.select_epoch), as predict and export load them.
+        model, teacher_vars, student_vars = workdir_lib.load_trained(job.config, job.workdir,
+                                                                     job.category, mesh)
+        evaluation = evaluate.evaluate_category(job.config, source, job.category, model, teacher_vars,
+                                                student_vars, mesh)
+        evaluation.selection = workdir_lib.selection_record(job.config, job.workdir, job.category)
+        artifacts.write_category(job.workdir, evaluation, job.config)
         rows[job.name] = artifacts.row(evaluation)
     artifacts.write_summary(workdir, rows)
     failed = [name for name, r in rows.items() if r.get("status") == "failed"]
@@ -82,12 +85,6 @@ class JobsFailedError(RuntimeError):
     def __init__(self, message: str, rows: dict[str, dict]):
         super().__init__(message)
         self.rows = rows
-
-
-def _load(job: jobs_lib.Job) -> train.Outcome:
-    mesh = sharding.make_mesh()
-    model, teacher_vars, student_vars = workdir_lib.load_trained(job.config, job.workdir, job.category, mesh)
-    return train.Outcome(job, model, teacher_vars, student_vars)
 
 
 def sweep(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]) -> dict[str, dict]:

@@ -28,7 +28,9 @@ from absl import logging
 
 from rstpm_jax import checkpoints, fleet, losses, sharding, teacher_cache
 from rstpm_jax import workdir as workdir_lib
+from rstpm_jax.anomaly_maps import MapSpec
 from rstpm_jax.data.sources import Source
+from rstpm_jax.inference import compiled_infer
 from rstpm_jax.jobs import Job
 from rstpm_jax.metric_log import MetricLog
 from rstpm_jax.models import layers
@@ -114,8 +116,11 @@ class JobRun:
     steps: int  # per epoch
     manager: Any  # orbax CheckpointManager
     log: MetricLog
+    best: Any = None  # CheckpointManager of the selected epoch (train.select_epoch=best_holdout)
+    curve: list = dataclasses.field(default_factory=list)  # [[epoch, mean held-out map], ...]
     cache: teacher_cache.TeacherCache | None = None
     failed: str | None = None
+    final_state: Any = None
 
     @property
     def epochs(self) -> int:
@@ -154,16 +159,20 @@ def restore_or_init(job: Job, model: RSTPM, source: Source, mesh: jax.sharding.M
                                    sharding.replicate(teacher_host, mesh))
     manager = checkpoints.checkpoint_manager(workdir_lib.checkpoint_dir(job.workdir, job.category),
                                              config.train.keep_checkpoints)
-    start_epoch = 0
+    start_epoch, curve = 0, []
     latest = manager.latest_step()
     if latest is not None:
         restored, meta = checkpoints.restore(manager, latest, sharding.replicate(state, mesh))
         state, start_epoch = fleet.host_copy(restored), int(meta["epoch"])
+        curve = [list(c) for c in meta.get("holdout_curve", []) if c[0] <= start_epoch]
         logging.info("%s: resumed from the checkpoint of epoch %d.", job.name, start_epoch)
     else:
         state = jax.device_get(state)
+    best = None
+    if str(config.train.select_epoch) == "best_holdout":
+        best = checkpoints.checkpoint_manager(workdir_lib.best_dir(job.workdir, job.category), 1)
     return JobRun(job, state, teacher_host, start_epoch, steps_per_epoch(config, source, job.category),
-                  manager, MetricLog(job.directory))
+                  manager, MetricLog(job.directory), best, curve)
 
 
 def build_teacher_cache(run: JobRun, model: RSTPM, source: Source) -> teacher_cache.TeacherCache:
@@ -186,17 +195,6 @@ def build_teacher_cache(run: JobRun, model: RSTPM, source: Source) -> teacher_ca
 # ----------------------------------------------------------------------------- a group
 
 
-@dataclasses.dataclass
-class Outcome:
-    """A trained job: its final students (replicated over the group's devices) or its failure."""
-
-    job: Job
-    model: RSTPM
-    teacher_vars: Any = None
-    student_vars: Any = None
-    failed: str | None = None
-
-
 def _same_tree(a: Any, b: Any) -> bool:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
@@ -212,8 +210,9 @@ def _per_device_bytes(runs: list[JobRun], layout: fleet.Layout, shared: bool) ->
             "host_caches": float(sum(r.cache.nbytes for r in runs if r.cache is not None))}
 
 
-def train_group(jobs: list[Job], source: Source, mesh_cfg: Any) -> list[Outcome]:
-    """Train (or resume) every job of a group side by side; returns each one's outcome."""
+def train_group(jobs: list[Job], source: Source, mesh_cfg: Any) -> dict[str, str | None]:
+    """Train (or resume) every job of a group side by side; returns ``{job name: failure or None}``
+    (the students are in each job's checkpoints)."""
     config = jobs[0].config
     batch = int(config.train.batch_size)
     layout = fleet.make_layout(len(jobs), batch, mesh_cfg)
@@ -224,24 +223,16 @@ def train_group(jobs: list[Job], source: Source, mesh_cfg: Any) -> list[Outcome]
             _train(runs, model, source, layout)
     finally:
         for r in runs:
-            r.manager.close()
+            for m in (r.manager, r.best):
+                if m is not None:
+                    m.close()
             r.log.close()
-    return _outcomes(runs, model, layout)
-
-
-def _outcomes(runs: list[JobRun], model: RSTPM, layout: fleet.Layout) -> list[Outcome]:
-    out = []
     for r in runs:
-        if r.failed:
-            out.append(Outcome(r.job, model, failed=r.failed))
-            continue
-        state = r.final_state if hasattr(r, "final_state") else r.state
-        state = sharding.replicate(jax.device_get(state), layout.mesh)
-        logging.info("%s: process %d of %d: parameter fingerprint %s", r.job.name, jax.process_index(),
-                     jax.process_count(), parameter_fingerprint(state.params))
-        out.append(Outcome(r.job, model, sharding.replicate(r.teacher_host, layout.mesh),
-                           {"params": state.params, "batch_stats": state.batch_stats}))
-    return out
+        if not r.failed:
+            params = r.final_state.params if r.final_state is not None else r.state.params
+            logging.info("%s: process %d of %d: parameter fingerprint %s", r.job.name, jax.process_index(),
+                         jax.process_count(), parameter_fingerprint(params))
+    return {r.job.name: r.failed for r in runs}
 
 
 def _train(runs: list[JobRun], model: RSTPM, source: Source, layout: fleet.Layout) -> None:
@@ -279,6 +270,7 @@ def _train(runs: list[JobRun], model: RSTPM, source: Source, layout: fleet.Layou
             states = _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
                             max_steps, bar, inject, group_step_index)
             group_step_index += max_steps
+            _select(runs, epoch, states, layout, model, source)
             _save(runs, epoch, states, layout)
     finally:
         bar.close()
@@ -388,12 +380,43 @@ def _save(runs: list[JobRun], epoch: int, states: Any, layout: fleet.Layout) -> 
             continue
         if (epoch + 1) % int(cfg.checkpoint_every_epochs) == 0 or epoch + 1 == r.epochs:
             checkpoints.save(r.manager, epoch + 1, fleet.take(states, slot, layout),
-                             {"epoch": epoch + 1, "step": (epoch + 1) * r.steps})
+                             {"epoch": epoch + 1, "step": (epoch + 1) * r.steps, "holdout_curve": r.curve})
+
+
+def _select(runs: list[JobRun], epoch: int, states: Any, layout: fleet.Layout, model: RSTPM,
+            source: Source) -> None:
+    """``train.select_epoch=best_holdout``: every ``select_every_epochs`` (and at a job's last
+    epoch) its mean final map over the held-out images; the lowest so far is saved to ``best/``."""
+    from rstpm_jax import evaluate  # noqa: PLC0415 (TensorFlow)
+
+    flat = sharding.make_mesh()
+    for slot, r in enumerate(runs):
+        cfg = r.job.config
+        if r.best is None or not r.active_in(epoch):
+            continue
+        if (epoch + 1) % max(1, int(cfg.train.select_every_epochs)) and epoch + 1 != r.epochs:
+            continue
+        state = fleet.host_copy(fleet.take(states, slot, layout))
+        infer = compiled_infer(model, MapSpec.from_config(cfg.maps), flat, with_levels=False)
+        score = evaluate.holdout_score(cfg, source, r.job.category, infer,
+                                       sharding.replicate(r.teacher_host, flat),
+                                       sharding.replicate({"params": state.params,
+                                                           "batch_stats": state.batch_stats}, flat), flat)
+        best = min((s for _, s in r.curve), default=float("inf"))
+        r.curve.append([epoch + 1, score])
+        logging.info("%s: epoch %d: mean held-out map %.6g (best so far %.6g).", r.job.name, epoch + 1,
+                     score, best)
+        if score < best or r.best.latest_step() not in [e for e, _ in r.curve]:
+            for old in r.best.all_steps():
+                r.best.delete(old)
+            checkpoints.save(r.best, epoch + 1, sharding.replicate(state, layout.mesh),
+                             {"epoch": epoch + 1, "holdout_score": score, "holdout_curve": r.curve})
 
 
 def parameter_fingerprint(params: Any) -> str:
-    """A short hash of this host's copy of replicated parameters (hosts must agree)."""
+    """A short hash of this host's copy of parameters (hosts must agree)."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(params):
-        digest.update(np.ascontiguousarray(leaf.addressable_shards[0].data).tobytes())
+        x = leaf.addressable_shards[0].data if hasattr(leaf, "addressable_shards") else leaf
+        digest.update(np.ascontiguousarray(x).tobytes())
     return digest.hexdigest()[:16]

@@ -30,6 +30,26 @@ def checkpoint_dir(workdir: str, category: str) -> str:
     return os.path.join(workdir, category, "checkpoints")
 
 
+def best_dir(workdir: str, category: str) -> str:
+    """The students of the epoch ``train.select_epoch=best_holdout`` kept."""
+    return os.path.join(workdir, category, "best")
+
+
+SELECTIONS = ("last", "best_holdout")
+
+
+def selected_checkpoint(config: ml_collections.ConfigDict, workdir: str, category: str) -> str:
+    """The checkpoint folder evaluation, predict and export use: ``best/`` when the config
+    selects the best held-out epoch (and training wrote it), else ``checkpoints/``."""
+    selection = str(config.train.get("select_epoch", "last"))
+    if selection not in SELECTIONS:
+        raise ValueError(f"config.train.select_epoch must be one of {SELECTIONS}, got {selection!r}.")
+    best = best_dir(workdir, category)
+    if selection == "best_holdout" and os.path.isdir(best):
+        return best
+    return checkpoint_dir(workdir, category)
+
+
 def teachers_dir(workdir: str) -> str:
     return os.path.join(workdir, "teachers")
 
@@ -112,14 +132,29 @@ def load_teachers(config: ml_collections.ConfigDict, workdir: str, random_teache
     return sharding.replicate(checkpoints.teacher_variables(config.model, random_teachers), mesh)
 
 
+def selection_record(config: ml_collections.ConfigDict, workdir: str, category: str) -> dict[str, Any]:
+    """Which epoch's students ``load_trained`` gives, and the held-out curve that chose it."""
+    directory = selected_checkpoint(config, workdir, category)
+    manager = checkpoints.checkpoint_manager(directory, 1)
+    try:
+        epoch = manager.latest_step()
+        meta = checkpoints.restore_meta(manager, epoch) if epoch is not None else {}
+    finally:
+        manager.close()
+    return {"select_epoch": str(config.train.get("select_epoch", "last")),
+            "source": os.path.basename(directory), "epoch": epoch,
+            "holdout_curve": meta.get("holdout_curve", [])}
+
+
 def load_trained(config: ml_collections.ConfigDict, workdir: str, category: str,
                  mesh: jax.sharding.Mesh, **model_kwargs: Any) -> tuple[RSTPM, Any, dict]:
-    """Model, teacher variables and the latest students' checkpoint of a trained category."""
+    """Model, teacher variables and the selected students (``selected_checkpoint``) of a
+    trained category."""
     check_trained(workdir, category)
     model = create_model(config, **model_kwargs)
     state, random_teachers = init_state(config, model)
     teacher_vars = load_teachers(config, workdir, random_teachers, mesh)
-    ckpt_dir = checkpoint_dir(workdir, category)
+    ckpt_dir = selected_checkpoint(config, workdir, category)
     manager = checkpoints.checkpoint_manager(ckpt_dir, config.train.keep_checkpoints)
     try:
         latest = manager.latest_step()

@@ -8,6 +8,19 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A script prelude that runs the library in float64 (before it is imported: every float32 it
+# names is then float64). In float32, two summation orders (1 vs 8 devices, stacked vs alone)
+# round differently, a few of the ~1e5 ReLU inputs (or max-pool near-ties) per step land
+# within that rounding of zero and flip, and the gradient moves by up to ~1e-2 of the update;
+# training then amplifies any difference ~10x per step. In float64 nothing flips and a real
+# difference (a gradient or statistic wrong under sharding or stacking) shows.
+FLOAT64 = (
+    "import jax\n"
+    "jax.config.update('jax_enable_x64', True)\n"
+    "import jax.numpy as jnp\n"
+    "jnp.float32 = jnp.float64\n"
+)
+
 
 def env(cache_dir: str | None = None, devices: int | None = None) -> dict[str, str]:
     e = dict(os.environ)

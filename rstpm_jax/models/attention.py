@@ -18,6 +18,21 @@ MODES = ("mul", "residual")
 LOGIT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+class Logit(nn.Module):
+    """The gate's 1x1 conv to one channel (variables ``kernel`` (1, 1, C, 1) and ``bias``, as
+    ``nn.Conv``'s) as a contraction over channels: stacked over jobs it is a batched matrix
+    product, where a one-feature grouped convolution fails XLA's SPMD partitioner."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        kernel = self.param("kernel", LOGIT_INIT, (1, 1, h.shape[-1], 1), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (1,), jnp.float32)
+        return jnp.einsum("bhwc,co->bhwo", h.astype(self.dtype), kernel[0, 0].astype(self.dtype)) + \
+            bias.astype(self.dtype)
+
+
 class AttentionGate(nn.Module):
     """conv3x3 -> BN -> ReLU -> conv1x1 (one channel) -> sigmoid on stop-gradient teacher features.
 
@@ -40,10 +55,7 @@ class AttentionGate(nn.Module):
         t = jax.lax.stop_gradient(teacher).astype(self.dtype)
         h = torch_conv(self.conv, self.dtype)(student.shape[-1], (3, 3), padding=1, name="conv")(t)
         h = nn.relu(self.norm(use_running_average=not train, dtype=self.dtype, name="bn")(h))
-        # flax's own nn.Conv: a one-channel 1x1 conv with a bias gains nothing from ``conv``.
-        a = nn.Conv(1, (1, 1), kernel_init=LOGIT_INIT, dtype=self.dtype, param_dtype=jnp.float32,
-                    name="proj")(h)
-        a = nn.sigmoid(a)
+        a = nn.sigmoid(Logit(self.dtype, name="proj")(h))
         self.sow("intermediates", "attention", a)
         gated = student * a
         return gated if self.mode == "mul" else student + gated

@@ -1,0 +1,96 @@
+"""Many models at once: a group of jobs (categories x seeds) stacked over a model x data mesh
+trains exactly as each job alone, resumes exactly, and a job that fails stops alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests import _train_helpers as h
+
+SMALL = ["--config.data.image_size=32", "--config.train.batch_size=8", "--config.eval.batch_size=8",
+         "--config.eval.figures=False", "--config.train.log_every_steps=1",
+         "--config.model.random_teachers=True", "--config.train.select_epoch=last"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The synthetic categories at 32 px with 16 training images (14 after the holdout: 2 steps
+    of 8, the second padded); mesh keeps 6 (5: 1 padded step), so categories differ in size."""
+    from rstpm_jax.data import synthetic
+    root = str(tmp_path_factory.mktemp("fleet_data") / "synthetic")
+    synthetic.generate(root, seed=0, image_size=32, num_train=16)
+    train_good = os.path.join(root, "mesh", "train", "good")
+    for name in sorted(os.listdir(train_good))[6:]:
+        os.remove(os.path.join(train_good, name))
+    return root
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fleet_jax_cache"))
+
+
+EQUIVALENCE = h.FLOAT64 + r"""
+import json, os, sys
+import numpy as np
+import ml_collections
+from configs import stpm
+from rstpm_jax import jobs, train, workdir
+from rstpm_jax.data import sources
+root, out = sys.argv[1], sys.argv[2]
+assert jax.device_count() == 12, jax.devices()
+cfg = stpm.get_config()
+cfg.data.root, cfg.data.categories, cfg.data.image_size = root, "button,fabric,mesh", 32
+cfg.model.random_teachers = True
+cfg.train.batch_size, cfg.train.epochs, cfg.train.seeds = 8, 2, "0,1"
+cfg.train.select_epoch, cfg.train.checkpoint_every_epochs, cfg.eval.figures = "last", 1, False
+source, cats = sources.prepare(cfg, out)
+group = jobs.plan(cfg, os.path.join(out, "group"), cats)
+assert len(group) == 6
+for run_dir, c in jobs.run_dirs(group).items():
+    os.makedirs(run_dir, exist_ok=True); workdir.save_config(run_dir, c)
+fails = train.train_group(group, source, ml_collections.ConfigDict({"model": "6", "data": "2"}))
+assert not any(fails.values()), fails
+alone = jobs.plan(cfg, os.path.join(out, "alone"), cats)
+for job in alone:  # one by one, one device each
+    os.makedirs(job.workdir, exist_ok=True); workdir.save_config(job.workdir, job.config)
+    assert not any(train.train_group([job], source, ml_collections.ConfigDict({"model": "1", "data": "1"})).values())
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+worst = {}
+for g, a in zip(group, alone):
+    assert (g.category, g.seed) == (a.category, a.seed)
+    _, _, pg = workdir.load_trained(g.config, g.workdir, g.category, mesh)
+    _, _, pa = workdir.load_trained(a.config, a.workdir, a.category, mesh)
+    m0 = workdir.create_model(a.config)
+    s0, _ = workdir.init_state(a.config, m0)
+    leaves = lambda t: [np.asarray(x, np.float64) for x in jax.tree.leaves(t)]
+    moved = max(float(np.max(np.abs(y - z))) for y, z in zip(leaves(pa["params"]), leaves(s0.params)))
+    err = max(float(np.max(np.abs(x - y))) for x, y in zip(leaves(pg["params"]), leaves(pa["params"])))
+    stats = max(float(np.max(np.abs(x - y))) for x, y in zip(leaves(pg["batch_stats"]), leaves(pa["batch_stats"])))
+    worst[g.name] = {"update_rel": err / moved, "batch_stats_abs": stats, "moved": moved,
+                     "dtype": str(jax.tree.leaves(pg["params"])[0].dtype)}
+print("RESULT", json.dumps(worst))
+"""
+
+
+def test_a_group_on_a_model_x_data_mesh_trains_as_each_job_alone(data, jax_cache, tmp_path):
+    """3 categories x 2 seeds on 12 devices (model 6 x data 2), 2 epochs, equal the same 6 jobs
+    trained one by one on one device each: categories of different sizes (mesh has fewer
+    images: fewer steps, a padded last batch), each seed its own order and initialisation."""
+    out = h.run([h.sys.executable, "-c", EQUIVALENCE, data, str(tmp_path)], h.env(jax_cache, devices=12),
+                timeout=1200).stdout
+    result = json.loads(out.split("RESULT", 1)[1])
+    print(result)
+    assert set(result) == {f"seed_{s}/{c}" for s in (0, 1) for c in ("button", "fabric", "mesh")}
+    for name, r in result.items():
+        assert r["moved"] > 1e-4 and r["dtype"] == "float64", (name, r)
+        assert r["update_rel"] < 1e-5, (name, r)
+        assert r["batch_stats_abs"] < 1e-5, (name, r)
