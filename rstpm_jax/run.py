@@ -12,7 +12,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from rstpm_jax import artifacts, evaluate, registry, reports, sharding, train
+from rstpm_jax import artifacts, config_checks, evaluate, registry, reports, sharding, train
 from rstpm_jax import workdir as workdir_lib
 from rstpm_jax.ablations import ABLATIONS
 from rstpm_jax.data import sources
@@ -41,11 +41,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.mode not in MODES:
         raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}.")
     initialize(config)
+    config_checks.validate(config)  # every key, before any data is read
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    if config.mode == "train":  # other teachers than the workdir's: refused before anything is written
+        workdir_lib.check_teachers_before_training(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     source, categories = sources.prepare(config, workdir)
-    sharding.check_batch_size(int(config.train.batch_size))
-    sharding.check_batch_size(int(config.eval.batch_size), "eval.batch_size")
+    # Every image and mask of every category decoded, and each split big enough, before training.
+    sources.check_categories(source, categories, config)
     mesh = sharding.make_mesh()
     if config.mode == "train":
         workdir_lib.save_config(workdir, config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -93,13 +92,13 @@ class Run:
 
 def restore_or_init(config: ml_collections.ConfigDict, workdir: str, source: Source, category: str,
                     mesh: jax.sharding.Mesh) -> Run:
-    """A fresh state (teachers saved to the workdir once) or the category's latest checkpoint."""
+    """A fresh state (teachers saved to the workdir once, with their record) or the category's
+    latest checkpoint; the config's teachers must be the workdir's (``workdir.ensure_teachers``)."""
     model = workdir_lib.create_model(config)
     state, random_teachers = workdir_lib.init_state(config, model)
     teacher_host = checkpoints.teacher_variables(config.model, random_teachers)
     teacher_vars = sharding.replicate(teacher_host, mesh)
-    if not os.path.isdir(workdir_lib.teachers_dir(workdir)):
-        checkpoints.save_variables(workdir_lib.teachers_dir(workdir), teacher_vars)
+    workdir_lib.ensure_teachers(config, workdir, teacher_vars)
     state = sharding.replicate(state, mesh)
     manager = checkpoints.checkpoint_manager(workdir_lib.checkpoint_dir(workdir, category),
                                              config.train.keep_checkpoints)
