@@ -44,8 +44,17 @@ def write_category(workdir: str, evaluation: Evaluation, config: ml_collections.
         write_figures(os.path.join(cat_dir, "figures"), evaluation)
 
 
+def failed(error: BaseException | str) -> dict[str, Any]:
+    """The row of a category that raised ``error`` (``rows[category] = failed(e)``): the
+    summary marks it failed, with the error, and leaves it out of the means."""
+    row = reports.failed_row("", error)
+    del row["category"]
+    return row
+
+
 def write_summary(workdir: str, rows: Mapping[str, Mapping[str, Any]]) -> None:
-    """``WORKDIR/results.md`` and ``results.csv`` across categories (host 0)."""
+    """``WORKDIR/results.md`` and ``results.csv`` across categories (host 0); a row from
+    :func:`failed` is shown as failed."""
     if jax.process_index() != 0 or not rows:
         return
     reports.write_summary(workdir, [{"category": c, **r} for c, r in rows.items()])
