@@ -168,17 +168,46 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, An
     return traverse_util.unflatten_dict(flat)
 
 
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; the legacy pickle format
+
+
+def _check_torch_file(path: str) -> None:
+    """Clear errors for files that cannot be torch files: empty, text, other formats."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    fix = "Save one with `torch.save(model.state_dict(), path)` or use --download."
+    if not head:
+        raise ConversionError(f"{path} is empty (0 bytes): an interrupted download or copy? {fix}")
+    if head.startswith(_TORCH_MAGIC) or head[257:262] == b"ustar":  # zip, pickle, very old tar format
+        return
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        raise ConversionError(f"{path} is a text file, not a torch state dict (it starts with "
+                              f"{text[:60]!r}; an HTML error page or a Git LFS pointer?). {fix}")
+    if head[:1] == b"\x82" and (b"params" in head or b"batch_stats" in head):
+        raise ConversionError(f"{path} is not a torch file but already converted Flax weights (msgpack "
+                              "{params, batch_stats}): use it directly as config.model.teacher1_weights / "
+                              "teacher2_weights.")
+    raise ConversionError(f"{path} is not a torch file (it starts with bytes {head[:8]!r}, not a "
+                          f"zip or pickle header). {fix}")
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a torch state-dict file safely (``weights_only=True``); clear errors for bad files."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConversionError(f"Input state dict not found: {path}. Pass a torchvision .pth file or use --download.")
+    _check_torch_file(path)
     torch = _import_torch()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        first = (str(e).splitlines() or [""])[0][:200]
         raise ConversionError(
-            f"{path} is not a readable torch state-dict file ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"{path} is not a readable torch state-dict file ({type(e).__name__}: {first}). "
             "Save one with `torch.save(model.state_dict(), path)` or use --download.") from e
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict; "
@@ -214,6 +243,9 @@ def convert_file(input: str | os.PathLike, output: str | os.PathLike, arch: str,
 
     resnet.build(arch)  # unknown arch -> ValueError before reading anything
     input, output = os.fspath(input), os.fspath(output)
+    if os.path.isdir(output):
+        raise ConversionError(f"--output {output} is a folder; give the file to write, e.g. "
+                              f"{os.path.join(output, arch + '.msgpack')} (its metadata goes beside it as .json).")
     variables = convert_state_dict(load_state_dict_file(input), arch)
     _atomic_write(output, serialization.msgpack_serialize(variables))
     try:

@@ -49,16 +49,23 @@ def write_failure(directory: str, category: str, error: str, config: ml_collecti
     if jax.process_index() != 0:
         return
     reports.write_category_results(directory, category, {}, config.to_dict(),
-                                   {"status": "failed", "error": error, "model": str(config.name)})
+                                   {"status": reports.FAILED, "error": error, "model": str(config.name)})
+
+
+def failed(error: BaseException | str) -> dict[str, Any]:
+    """The row of a job that raised or reported ``error`` (``rows[name] = failed(e)``): the
+    summary marks it failed, with the error, and leaves it out of the means."""
+    row = reports.failed_row("", error)
+    del row["category"]
+    return row
 
 
 def write_summary(workdir: str, rows: Mapping[str, Mapping[str, Any]]) -> None:
-    """``WORKDIR/results.md`` and ``results.csv`` across jobs (host 0); failed jobs are listed."""
+    """``WORKDIR/results.md`` and ``results.csv`` across jobs (host 0); a row from :func:`failed`
+    is shown as failed."""
     if jax.process_index() != 0 or not rows:
         return
-    done = [{"category": c, **r} for c, r in rows.items() if r.get("status") != "failed"]
-    failed = {c: r["error"] for c, r in rows.items() if r.get("status") == "failed"}
-    reports.write_summary(workdir, done, failed=failed)
+    reports.write_summary(workdir, [{"category": c, **r} for c, r in rows.items()])
 
 
 def _atomic_write(path: str, write, newline: str | None = None) -> None:

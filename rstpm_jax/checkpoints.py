@@ -10,6 +10,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from rstpm_jax import config_checks
 from rstpm_jax.models import pretrained
 
 
@@ -69,26 +70,24 @@ def teacher_variables(model_cfg: ml_collections.ConfigDict, random_vars: dict) -
             continue
         path = os.path.expanduser(str(model_cfg[key]))
         if not os.path.isfile(path):
-            arch = model_cfg[name]
-            raise FileNotFoundError(
-                f"config.model.{key}: converted {arch} weights not found at {path!r}. Convert "
-                f"torchvision's ImageNet weights with `pip install -e \".[convert]\"` and `python -m "
-                f"pretrained_conversion.convert_torchvision --arch {arch} --download --output {path}` "
-                f"(or --input STATE_DICT.pth offline), or set --config.model.random_teachers=True for "
-                f"a demo.")
+            raise FileNotFoundError(config_checks.missing_weights_message(model_cfg, name))
         full = pretrained.load_pretrained(path)
         depth = sum(1 for k in random_vars["params"][name] if k.startswith("layer") and k.endswith("_0"))
         loaded = pretrained.truncate_variables(full, depth)
-        _check_same_structure(random_vars, name, loaded, path, key)
+        _check_same_structure(random_vars, name, loaded, path, key, full, str(model_cfg[name]))
         params[name], stats[name] = loaded["params"], loaded["batch_stats"]
     return {"params": params, "batch_stats": stats}
 
 
-def _check_same_structure(random_vars: dict, name: str, loaded: dict, path: str, key: str) -> None:
+def _check_same_structure(random_vars: dict, name: str, loaded: dict, path: str, key: str,
+                          full: dict | None = None, arch: str = "") -> None:
     for col in ("params", "batch_stats"):
         want = jax.tree.map(lambda a: tuple(a.shape), random_vars[col][name])
         got = jax.tree.map(lambda a: tuple(a.shape), loaded[col])
         if want != got:
-            raise ValueError(f"config.model.{key}={path!r} does not match the {name} architecture "
-                             f"config.model.{name} names (different {col} tree or shapes); "
-                             f"convert weights of the right arch.")
+            held = pretrained.describe(path, full)
+            raise ValueError(
+                f"config.model.{key}={path!r} does not match config.model.{name}={arch!r}: the file "
+                f"holds {held or 'weights of another architecture'} (different {col} tree or shapes). "
+                f"Set config.model.{name} to the file's architecture, or point config.model.{key} at "
+                f"converted {arch} weights (pretrained_conversion.convert_torchvision --arch {arch}).")

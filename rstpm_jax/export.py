@@ -24,6 +24,18 @@ import numpy as np
 from rstpm_jax.ops import compile_options
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+
+
+def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+    """``platforms`` as a tuple; ValueError naming the valid ones for an unknown (e.g. "gpu")."""
+    platforms = tuple(platforms)
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or not platforms:
+        hint = " (NVIDIA GPUs are 'cuda', AMD ones 'rocm')" if any(p == "gpu" for p in unknown) else ""
+        raise ValueError(f"--platforms: unknown {unknown or 'empty list'}{hint}; choose from "
+                         f"{', '.join(PLATFORMS)} (comma-separated).")
+    return platforms
 FORMAT = "rstpm-jax-export/1"
 
 
@@ -39,6 +51,7 @@ def export_category(workdir: str, category: str, platforms: Sequence[str] = DEFA
     from rstpm_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
     from rstpm_jax.inference import make_infer_fn  # noqa: PLC0415
 
+    platforms = check_platforms(platforms)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     workdir_lib.check_trained(workdir, category)
     config = workdir_lib.load_config(workdir)
@@ -54,7 +67,7 @@ def export_category(workdir: str, category: str, platforms: Sequence[str] = DEFA
 
     h = w = int(config.data.image_size)
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {h}, {w}, 3"), jnp.float32)
-    exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
+    exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
     meta = {
         "format": FORMAT, "category": category, "model": str(config.name), "workdir": workdir,
         "image_size": [h, w],
@@ -117,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--category", required=True, help="A trained category in the workdir.")
     parser.add_argument("--output", required=True, help="Artifact path, e.g. model.jaxexport.")
     parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
-                        help="Comma-separated platforms to lower for (cpu, cuda, rocm, tpu).")
+                        help=f"Comma-separated platforms to lower for ({', '.join(PLATFORMS)}).")
     parser.add_argument("--image_threshold", type=float, default=None,
                         help="Recorded in the sidecar (default: thresholds.json).")
     parser.add_argument("--pixel_threshold", type=float, default=None,
@@ -125,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
     try:
+        check_platforms(platforms)  # before jax, the model or the workdir is touched
         exported, meta = export_category(args.workdir, args.category, platforms,
                                          args.image_threshold, args.pixel_threshold)
     except (FileNotFoundError, ValueError) as e:

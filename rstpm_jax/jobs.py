@@ -45,17 +45,22 @@ def seeds_of(config: ml_collections.ConfigDict) -> list[int]:
     return seeds or [int(config.seed)]
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str, categories: list[str]) -> list[Job]:
-    """Every (seed, category) of a run, seeds outermost."""
+def runs(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[int, str, ml_collections.ConfigDict]]:
+    """``(seed, run folder, its config)`` per seed: the workdir itself for one seed, else
+    ``WORKDIR/seed_<s>``."""
     seeds = seeds_of(config)
-    jobs = []
+    out = []
     for seed in seeds:
         cfg = copy.deepcopy(config)
         cfg.seed = seed
-        sub = "" if len(seeds) == 1 else f"seed_{seed}"
-        run_dir = os.path.join(workdir, sub) if sub else workdir
-        jobs += [Job(os.path.join(sub, c), c, seed, run_dir, cfg) for c in categories]
-    return jobs
+        out.append((seed, workdir if len(seeds) == 1 else os.path.join(workdir, f"seed_{seed}"), cfg))
+    return out
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str, categories: list[str]) -> list[Job]:
+    """Every (seed, category) of a run, seeds outermost."""
+    return [Job(os.path.relpath(os.path.join(run_dir, c), workdir), c, seed, run_dir, cfg)
+            for seed, run_dir, cfg in runs(config, workdir) for c in categories]
 
 
 def run_dirs(jobs: list[Job]) -> dict[str, ml_collections.ConfigDict]:

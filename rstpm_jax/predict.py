@@ -1,12 +1,15 @@
 """Production inference: new images -> anomaly maps, scores and decisions (no TensorFlow).
 
     python -m rstpm_jax.predict --workdir DIR --category C --input PATH_OR_GLOB --output OUT \
-        [--image_threshold X] [--pixel_threshold Y] [--batch_size N] [--map_format png16|npy]
+        [--image_threshold X] [--pixel_threshold Y] [--batch_size N] [--map_format png16|npy] \
+        [--overwrite]
 
 Loads the trained category (config from ``WORKDIR/config.json``, teachers from
 ``WORKDIR/teachers``, students from the latest checkpoint), resizes every image that PIL
-reads to the training size as the input pipeline does, runs them in padded batches through
-one jitted inference function and writes, under OUT:
+reads to the training size with the input pipeline's own code, runs them in padded batches
+through one jitted inference function and writes, under OUT (which must be empty, or
+``--overwrite`` replaces what an earlier predict wrote there; files under OUT are never
+inputs):
 
 - ``predictions.csv`` / ``predictions.json``: per image the score, the normalised score
   (``score / scale``, 1.0 = the model's own threshold), the decision, the threshold used and
@@ -46,13 +49,20 @@ from rstpm_jax.data.mvtec import read_rgb
 MAP_FULL_SCALE = 16.0  # 16-bit maps saturate at this multiple of the pixel threshold
 OVERLAY_RANGE = 2.0  # overlay colours span [0, OVERLAY_RANGE * pixel threshold] (threshold mid-scale)
 MAP_FORMATS = ("png16", "npy")
+OUTPUTS = ("maps", "overlays", "masks", "predictions.csv", "predictions.json")  # what --overwrite clears
 _GLOB_CHARS = "*?["
 
 
 # ----------------------------------------------------------------------------- inputs
 
-def list_inputs(spec: str) -> list[str]:
-    """Files named by ``spec``: a file, a folder (every file below it) or a glob (``**`` recursive)."""
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def list_inputs(spec: str, exclude: str | None = None) -> list[str]:
+    """Files named by ``spec``: a file, a folder (every file below it) or a glob (``**`` recursive);
+    none below the folder ``exclude`` (predict's own output)."""
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         files = []
@@ -66,10 +76,46 @@ def list_inputs(spec: str) -> list[str]:
     else:
         raise FileNotFoundError(f"--input {spec!r}: no such file or folder (and not a glob pattern).")
     files = [f for f in files if os.path.isfile(f)]
+    excluded = {f for f in files if exclude and _inside(f, exclude)}
+    files = [f for f in files if f not in excluded]
     if not files:
-        raise FileNotFoundError(f"--input {spec!r} matches no file. Give an image file, a folder "
+        why = (f" outside --output {exclude} ({len(excluded)} file(s) there are predict's output, "
+               "never inputs)") if excluded else ""
+        raise FileNotFoundError(f"--input {spec!r} matches no file{why}. Give an image file, a folder "
                                 "of images or a quoted glob such as 'images/**/*.png'.")
     return files
+
+
+def check_output(output: str, overwrite: bool) -> str:
+    """``output`` as an absolute path; refused when it is a file, or a non-empty folder without
+    ``overwrite``."""
+    out = os.path.abspath(os.path.expanduser(output))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--output {out} is a file; give a folder (it is created).")
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if held and not overwrite:
+        shown = ", ".join(held[:8]) + (f", ... ({len(held) - 8} more)" if len(held) > 8 else "")
+        raise FileExistsError(
+            f"--output {out} is not empty (it holds {shown}). Choose an empty or new folder, or pass "
+            f"--overwrite to replace what an earlier predict wrote there ({', '.join(OUTPUTS)}; "
+            "nothing else is touched).")
+    return out
+
+
+def clear_output(out: str) -> list[str]:
+    """Remove what an earlier predict wrote in ``out`` (``OUTPUTS`` only); returns what was removed."""
+    import shutil  # noqa: PLC0415 (only when overwriting)
+    removed = []
+    for name in OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def output_names(files: Sequence[str]) -> list[str]:
@@ -93,7 +139,7 @@ def output_names(files: Sequence[str]) -> list[str]:
 
 
 def preprocess(rgb: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """HxWx3 uint8 -> (h, w, 3) float32, exactly as the input pipeline preprocesses."""
+    """HxWx3 uint8 -> (h, w, 3) float32 with the input pipeline's own code (the same pixels)."""
     return preprocessing.preprocess_rgb(rgb, image_size)
 
 
@@ -221,8 +267,11 @@ CSV_FIELDS = ("file", "score", "normalized_score", "decision", "image_threshold"
 
 def predict(workdir: str, category: str, inputs: str, output: str, *,
             image_threshold: float | None = None, pixel_threshold: float | None = None,
-            batch_size: int = 8, map_format: str = "png16", progress: bool = True) -> dict[str, Any]:
-    """Score every image ``inputs`` names; write OUT's files (module docstring); return the summary."""
+            batch_size: int = 8, map_format: str = "png16", progress: bool = True,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Score every image ``inputs`` names (none under ``output``); write OUT's files (module
+    docstring; a non-empty OUT needs ``overwrite``, which clears an earlier predict's files
+    there); return the summary."""
     from tqdm import tqdm  # noqa: PLC0415
 
     t0 = time.time()
@@ -230,9 +279,12 @@ def predict(workdir: str, category: str, inputs: str, output: str, *,
         raise ValueError(f"--map_format must be one of {MAP_FORMATS}, got {map_format!r}.")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     workdir_lib.check_trained(workdir, category)
-    files = list_inputs(inputs)
+    output = check_output(output, overwrite)
+    files = list_inputs(inputs, exclude=output)
     thresholds = resolve_thresholds(workdir, category, image_threshold, pixel_threshold)
     model = Predictor(workdir, category, batch_size)
+    if overwrite:
+        clear_output(output)
     t_thr, p_thr = thresholds["image_threshold"], thresholds["pixel_threshold"]
     scale = thresholds["normalization"]["scale"]
     full_scale = MAP_FULL_SCALE * p_thr
@@ -303,14 +355,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--map_format", choices=MAP_FORMATS, default="png16")
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"Reuse a non-empty --output: first remove {', '.join(OUTPUTS)} there.")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         summary = predict(args.workdir, args.category, args.input, args.output,
                           image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold,
                           batch_size=args.batch_size, map_format=args.map_format,
-                          progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
+                          progress=not args.no_progress, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
     print(f"{summary['num_images']} image(s): {summary['num_anomalous']} anomalous "

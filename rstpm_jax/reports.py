@@ -2,7 +2,9 @@
 ablation table (ablation.md/.csv), with the paper's numbers beside ours.
 
 A *row* is one category's flat metrics dict (as ``MetricsAccumulator.compute()`` returns it,
-or as :func:`read_category_results` reads it back) with a ``"category"`` key.
+or as :func:`read_category_results` reads it back) with a ``"category"`` key; a category that
+failed is ``{"category": c, "status": "failed", "error": "..."}`` (:func:`failed_row`): the
+summary shows it as failed and leaves it out of the means.
 """
 
 from __future__ import annotations
@@ -95,6 +97,24 @@ def read_category_results(path: str | os.PathLike) -> dict[str, Any]:
     return row
 
 
+FAILED = "failed"
+
+
+def failed_row(category: str, error: BaseException | str) -> dict[str, Any]:
+    """The summary row of a category whose training or evaluation raised ``error``."""
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    return {"category": category, "status": FAILED, "error": text}
+
+
+def is_failed(row: Mapping[str, Any]) -> bool:
+    return row.get("status") == FAILED
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def _value(row: Mapping[str, Any], key: str) -> float:
@@ -159,22 +179,18 @@ def _write_csv(path: Path, header: Sequence[str], body: Sequence[Sequence[Any]])
 # ----------------------------------------------------------------------------- summary
 
 def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
-                  title: str = "Results", failed: Mapping[str, str] | None = None) -> tuple[Path, Path]:
+                  title: str = "Results") -> tuple[Path, Path]:
     """WORKDIR/results.md and results.csv: per-category rows (textures, objects, others) and
-    their mean, laid out like the paper's Tables 1-3 with its numbers beside ours; ``failed``
-    (category -> error) are listed apart (a row each in the CSV, status ``failed``)."""
+    their mean, laid out like the paper's Tables 1-3 with its numbers beside ours."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    failed = dict(failed or {})
-    if not rows and failed:
-        md_path, csv_path = workdir / "results.md", workdir / "results.csv"
-        md_path.write_text(f"# {title}\n\n" + _failed_section(failed))
-        _write_csv(csv_path, ["category", "status", "error"], [[c, "failed", e] for c, e in failed.items()])
-        return md_path, csv_path
     rows = _check_rows(rows, "write_summary")
-    cats = [r["category"] for r in rows]
-    mean = {k: _mean(_value(r, k) for r in rows)
-            for k in sorted({k for r in rows for k in r if k != "category"})}
+    failed = [r for r in rows if is_failed(r)]
+    ok_rows = [r for r in rows if not is_failed(r)]
+    cats = [r["category"] for r in ok_rows]  # the means (ours and the paper's) cover these
+    mean = {k: _mean(_value(r, k) for r in ok_rows)
+            for k in sorted({k for r in rows for k in r if k not in ("category", "status", "error")})}
+    mean_label = f"**mean ({len(ok_rows)})**" if not failed else f"**mean ({len(ok_rows)} of {len(rows)})**"
     notes = []
 
     # Tables 1-2: pixel AUROC, image AUROC (paper: mean only), AUPRO (not in the paper).
@@ -184,6 +200,10 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     for r in rows:
         c = r["category"]
         pr, ps = paper.PIXEL_AUROC["rstpm"].get(c), paper.PIXEL_AUROC["stpm"].get(c)
+        if is_failed(r):
+            body.append([paper.category_group(c), c, "**FAILED**", _fmt(pr), _fmt(ps), MISSING,
+                         "**FAILED**", MISSING, MISSING, MISSING])
+            continue
         pix = _value(r, "pixel_auroc")
         body.append([paper.category_group(c), c, _fmt(pix), _fmt(pr), _fmt(ps),
                      _fmt(pix - pr if pr is not None else None, signed=True),
@@ -191,9 +211,12 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     pr_m, ps_m = _paper_pixel_mean(cats, "rstpm"), _paper_pixel_mean(cats, "stpm")
     ir_m, is_m = _paper_image_mean(cats, "rstpm"), _paper_image_mean(cats, "stpm")
     pix_m = mean.get("pixel_auroc", float("nan"))
-    body.append(["", f"**mean ({len(rows)})**", _fmt(pix_m), _fmt(pr_m), _fmt(ps_m),
+    body.append(["", mean_label, _fmt(pix_m), _fmt(pr_m), _fmt(ps_m),
                  _fmt(pix_m - pr_m if pr_m is not None else None, signed=True),
                  _fmt(mean.get("image_auroc")), _fmt(ir_m), _fmt(is_m), _fmt(mean.get("aupro"))])
+    for r in failed:
+        notes.append(f"**{r['category']} FAILED** (no results; left out of the means): "
+                     f"{_one_line(r.get('error', 'unknown error'))}")
     if pr_m is not None and set(cats) != set(paper.MVTEC_CATEGORIES):
         notes.append("Paper pixel-AUROC means are over the same categories as ours; the paper's "
                      "image AUROC exists only as the mean over all 15 MVTec AD categories.")
@@ -214,9 +237,10 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     lvl_keys = ([f"per_level/sum/{lvl}/pixel_auroc" for lvl in LEVELS] + ["pixel_auroc"]
                 + [f"per_level/sum/{lvl}/image_auroc" for lvl in LEVELS] + ["image_auroc"])
     has_levels = any(k in r for r in rows for k in lvl_keys[:3])
-    lvl_body = [[paper.category_group(r["category"]), r["category"]] + [_fmt(_value(r, k)) for k in lvl_keys]
+    lvl_body = [[paper.category_group(r["category"]), r["category"]]
+                + (["**FAILED**"] * len(lvl_keys) if is_failed(r) else [_fmt(_value(r, k)) for k in lvl_keys])
                 for r in rows]
-    lvl_body.append(["", f"**mean ({len(rows)})**"] + [_fmt(mean.get(k)) for k in lvl_keys])
+    lvl_body.append(["", mean_label] + [_fmt(mean.get(k)) for k in lvl_keys])
     for model, name in (("rstpm", "paper RSTPM (mean of 15)"), ("stpm", "paper STPM (mean of 15)")):
         vals = [paper.PER_RESOLUTION[m][model][lvl] for m in ("pixel_auroc", "image_auroc")
                 for lvl in (*LEVELS, "final")]
@@ -233,7 +257,7 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     else:
         md += ["No per-level metrics in these results.", ""]
     md_path = workdir / "results.md"
-    md_path.write_text("\n".join(md) + ("\n" + _failed_section(failed) if failed else ""))
+    md_path.write_text("\n".join(md))
 
     metric_keys = [k for k in mean if any(isinstance(r.get(k), (int, float, np.number))
                                            and not isinstance(r.get(k), bool) for r in rows)]
@@ -242,21 +266,15 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     csv_body = []
     for r in rows:
         c = r["category"]
+        status = [FAILED, _one_line(r.get("error", ""), 2000)] if is_failed(r) else ["ok", ""]
         csv_body.append([paper.category_group(c), c] + [_value(r, k) for k in metric_keys]
-                        + [paper.PIXEL_AUROC["rstpm"].get(c), paper.PIXEL_AUROC["stpm"].get(c), None, None])
-    csv_body = [r + ["ok", ""] for r in csv_body]
-    csv_body.append(["", "mean"] + [mean[k] for k in metric_keys] + [pr_m, ps_m, ir_m, is_m, "", ""])
-    blank = [None] * (len(metric_keys) + len(paper_cols))
-    csv_body += [[paper.category_group(c), c] + blank + ["failed", e] for c, e in failed.items()]
+                        + [paper.PIXEL_AUROC["rstpm"].get(c), paper.PIXEL_AUROC["stpm"].get(c), None, None]
+                        + status)
+    csv_body.append(["", "mean"] + [mean[k] for k in metric_keys] + [pr_m, ps_m, ir_m, is_m]
+                    + ["", f"{len(failed)} failed" if failed else ""])
     csv_path = workdir / "results.csv"
     _write_csv(csv_path, ["group", "category"] + metric_keys + paper_cols + ["status", "error"], csv_body)
     return md_path, csv_path
-
-
-def _failed_section(failed: Mapping[str, str]) -> str:
-    lines = ["## Failed jobs", "", "Not in the tables above; their other results were kept.", ""]
-    lines += [f"- **{c}**: {e}" for c, e in failed.items()]
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- ablations

@@ -3,6 +3,7 @@ summary; and the ablation sweep over such runs. ``main`` and ``sweep`` call thes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging as std_logging
 import os
@@ -12,7 +13,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from rstpm_jax import artifacts, evaluate, registry, reports, sharding, train
+from rstpm_jax import artifacts, config_checks, evaluate, guards, registry, reports, sharding, train
 from rstpm_jax import jobs as jobs_lib
 from rstpm_jax import workdir as workdir_lib
 from rstpm_jax.ablations import ABLATIONS
@@ -42,9 +43,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.mode not in MODES:
         raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}.")
     initialize(config)
+    config_checks.validate(config)  # every key, before any data is read
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    if config.mode == "train":  # other teachers than the workdir's: refused before anything is written
+        for _, run_dir, cfg in jobs_lib.runs(config, workdir):
+            workdir_lib.check_teachers_before_training(cfg, run_dir)
     os.makedirs(workdir, exist_ok=True)
+    # One run per workdir at a time (process 0 holds WORKDIR/.lock).
+    lock = guards.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     source, categories = sources.prepare(config, workdir)
+    # Every image and mask of every category decoded, and each split big enough, before training.
+    sources.check_categories(source, categories, config)
     planned = jobs_lib.plan(config, workdir, categories)
     if config.mode == "train":
         if len(jobs_lib.seeds_of(config)) > 1:
@@ -59,19 +73,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = sharding.make_mesh()
     for job in planned:
         if failures.get(job.name):
-            rows[job.name] = {"status": "failed", "error": failures[job.name]}
+            rows[job.name] = artifacts.failed(failures[job.name])
             artifacts.write_failure(job.directory, job.category, failures[job.name], job.config)
             continue
-        # The students the config selects (train.select_epoch), as predict and export load them.
-        model, teacher_vars, student_vars = workdir_lib.load_trained(job.config, job.workdir,
-                                                                     job.category, mesh)
-        evaluation = evaluate.evaluate_category(job.config, source, job.category, model, teacher_vars,
-                                                student_vars, mesh)
-        evaluation.selection = workdir_lib.selection_record(job.config, job.workdir, job.category)
-        artifacts.write_category(job.workdir, evaluation, job.config)
-        rows[job.name] = artifacts.row(evaluation)
+        try:
+            # The students the config selects (train.select_epoch), as predict and export load them.
+            model, teacher_vars, student_vars = workdir_lib.load_trained(job.config, job.workdir,
+                                                                         job.category, mesh)
+            evaluation = evaluate.evaluate_category(job.config, source, job.category, model,
+                                                    teacher_vars, student_vars, mesh)
+            evaluation.selection = workdir_lib.selection_record(job.config, job.workdir, job.category)
+            artifacts.write_category(job.workdir, evaluation, job.config)
+            rows[job.name] = artifacts.row(evaluation)
+        except (OSError, ValueError, RuntimeError) as e:  # the others' evaluations go on
+            if isinstance(e, guards.NoSpaceError):
+                raise
+            logging.exception("%s: evaluation failed", job.name)
+            rows[job.name] = artifacts.failed(e)
+            artifacts.write_failure(job.directory, job.category, str(e), job.config)
     artifacts.write_summary(workdir, rows)
-    failed = [name for name, r in rows.items() if r.get("status") == "failed"]
+    failed = [name for name, r in rows.items() if reports.is_failed(r)]
     if failed:
         raise JobsFailedError(f"{len(failed)} of {len(rows)} job(s) failed ({', '.join(failed)}); the others' "
                          f"results are in {workdir}. " + " ".join(f"{n}: {rows[n]['error']}" for n in failed),
@@ -104,7 +125,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, models: Sequence[str]
             results[name], errors = e.rows, errors + [f"{name}: {e}"]
     if jax.process_index() == 0:
         reports.write_ablation_table(workdir, {
-            m: [{"category": c, **r} for c, r in res.items() if r.get("status") != "failed"]
+            m: [{"category": c, **r} for c, r in res.items() if not reports.is_failed(r)]
             for m, res in results.items()})
     if errors:
         raise JobsFailedError(" ".join(errors), {})

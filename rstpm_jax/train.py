@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rstpm_jax import checkpoints, fleet, losses, sharding, teacher_cache
+from rstpm_jax import checkpoints, fleet, guards, losses, sharding, teacher_cache
 from rstpm_jax import workdir as workdir_lib
 from rstpm_jax.anomaly_maps import MapSpec
 from rstpm_jax.data.sources import Source
@@ -150,13 +150,12 @@ def steps_per_epoch(config: ml_collections.ConfigDict, source: Source, category:
 
 
 def restore_or_init(job: Job, model: RSTPM, source: Source, mesh: jax.sharding.Mesh) -> JobRun:
-    """A job's fresh state (its run's teachers saved once) or its latest checkpoint, on the host."""
+    """A job's fresh state (its run's teachers saved once, with their record; the config's
+    teachers must be the run's: ``workdir.ensure_teachers``) or its latest checkpoint, on the host."""
     config = job.config
     state, random_teachers = workdir_lib.init_state(config, model)
     teacher_host = jax.device_get(checkpoints.teacher_variables(config.model, random_teachers))
-    if not os.path.isdir(workdir_lib.teachers_dir(job.workdir)):
-        checkpoints.save_variables(workdir_lib.teachers_dir(job.workdir),
-                                   sharding.replicate(teacher_host, mesh))
+    workdir_lib.ensure_teachers(config, job.workdir, sharding.replicate(teacher_host, mesh))
     manager = checkpoints.checkpoint_manager(workdir_lib.checkpoint_dir(job.workdir, job.category),
                                              config.train.keep_checkpoints)
     start_epoch, curve = 0, []
@@ -171,8 +170,10 @@ def restore_or_init(job: Job, model: RSTPM, source: Source, mesh: jax.sharding.M
     best = None
     if str(config.train.select_epoch) == "best_holdout":
         best = checkpoints.checkpoint_manager(workdir_lib.best_dir(job.workdir, job.category), 1)
-    return JobRun(job, state, teacher_host, start_epoch, steps_per_epoch(config, source, job.category),
-                  manager, MetricLog(job.directory), best, curve)
+    steps = steps_per_epoch(config, source, job.category)
+    # metrics.jsonl continues from the resumed step (a killed run's later lines are dropped).
+    return JobRun(job, state, teacher_host, start_epoch, steps, manager,
+                  MetricLog(job.directory, resume_step=start_epoch * steps), best, curve)
 
 
 def build_teacher_cache(run: JobRun, model: RSTPM, source: Source) -> teacher_cache.TeacherCache:
@@ -266,12 +267,17 @@ def _train(runs: list[JobRun], model: RSTPM, source: Source, layout: fleet.Layou
     inject = _injected_nan()
     group_step_index = 0
     try:
-        for epoch in range(first, last):
-            states = _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
-                            max_steps, bar, inject, group_step_index)
-            group_step_index += max_steps
-            _select(runs, epoch, states, layout, model, source)
-            _save(runs, epoch, states, layout)
+        with guards.StopOnSignal() as stop:
+            for epoch in range(first, last):
+                states = _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
+                                max_steps, bar, inject, group_step_index, stop)
+                group_step_index += max_steps
+                _select(runs, epoch, states, layout, model, source)
+                _save(runs, epoch, states, layout, force=stop.requested)
+                if stop.requested:
+                    logging.warning("%s: stopped after epoch %d, every job saved; rerun the same command "
+                                    "to resume.", stop.signal_name, epoch + 1)
+                    raise KeyboardInterrupt(f"{stop.signal_name}: stopped after epoch {epoch + 1}, saved.")
     finally:
         bar.close()
     for slot, r in enumerate(runs):
@@ -287,8 +293,9 @@ def _injected_nan() -> tuple[int, int] | None:
 
 
 def _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model, max_steps, bar,
-           inject, step_offset):
-    """One epoch of the group: ``max_steps`` steps; a job with fewer steps waits for the rest."""
+           inject, step_offset, stop):
+    """One epoch of the group: ``max_steps`` steps; a job with fewer steps waits for the rest.
+    A stop request (Ctrl-C, SIGTERM) lets the epoch finish, so that it can be saved."""
     from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
 
     config = runs[0].job.config
@@ -311,7 +318,12 @@ def _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
                                      runs[0].cache.features)
     pending: dict[int, list] = {slot: [] for slot in range(len(runs))}
     t_start = time.time()
+    announced = False
     for i in range(max_steps):
+        if stop.requested and not announced:
+            logging.warning("%s: finishing epoch %d, then saving and stopping (Ctrl-C again: stop now, "
+                            "unsaved).", stop.signal_name, epoch + 1)
+            announced = True
         active = np.zeros(layout.slots, bool)
         host = {}
         for slot, r in enumerate(runs):
@@ -360,7 +372,8 @@ def _log(runs: list[JobRun], slots: list[int], pending: dict, epoch: int, i: int
             logging.error("%s: %s", r.job.name, r.failed)
         values["images_per_s"] = len(host) * batch / max(seconds, 1e-9)
         values["epoch"] = epoch + 1
-        r.log.write(step, values)
+        with guards.no_space_errors(r.job.workdir, "writing metrics.jsonl"):
+            r.log.write(step, values)
         pending[slot] = []
         out[slot] = values
     return out
@@ -371,16 +384,17 @@ def _postfix(values: dict[int, dict[str, float]], batch: int, seconds: float) ->
     return f"epoch {max(v['epoch'] for v in values.values()):.0f} loss[{losses_}]"
 
 
-def _save(runs: list[JobRun], epoch: int, states: Any, layout: fleet.Layout) -> None:
-    """Each job active this epoch saves a checkpoint every ``train.checkpoint_every_epochs`` and
-    at its last epoch."""
+def _save(runs: list[JobRun], epoch: int, states: Any, layout: fleet.Layout, force: bool = False) -> None:
+    """Each job active this epoch saves a checkpoint every ``train.checkpoint_every_epochs``, at
+    its last epoch, and when ``force`` (a stop was requested)."""
     for slot, r in enumerate(runs):
         cfg = r.job.config.train
         if not r.active_in(epoch):
             continue
-        if (epoch + 1) % int(cfg.checkpoint_every_epochs) == 0 or epoch + 1 == r.epochs:
-            checkpoints.save(r.manager, epoch + 1, fleet.take(states, slot, layout),
-                             {"epoch": epoch + 1, "step": (epoch + 1) * r.steps, "holdout_curve": r.curve})
+        if force or (epoch + 1) % int(cfg.checkpoint_every_epochs) == 0 or epoch + 1 == r.epochs:
+            with guards.no_space_errors(r.job.workdir, f"saving {r.job.name}'s checkpoint"):
+                checkpoints.save(r.manager, epoch + 1, fleet.take(states, slot, layout),
+                                 {"epoch": epoch + 1, "step": (epoch + 1) * r.steps, "holdout_curve": r.curve})
 
 
 def _select(runs: list[JobRun], epoch: int, states: Any, layout: fleet.Layout, model: RSTPM,
@@ -409,8 +423,9 @@ def _select(runs: list[JobRun], epoch: int, states: Any, layout: fleet.Layout, m
         if score < best or r.best.latest_step() not in [e for e, _ in r.curve]:
             for old in r.best.all_steps():
                 r.best.delete(old)
-            checkpoints.save(r.best, epoch + 1, sharding.replicate(state, layout.mesh),
-                             {"epoch": epoch + 1, "holdout_score": score, "holdout_curve": r.curve})
+            with guards.no_space_errors(r.job.workdir, f"saving {r.job.name}'s best epoch"):
+                checkpoints.save(r.best, epoch + 1, sharding.replicate(state, layout.mesh),
+                                 {"epoch": epoch + 1, "holdout_score": score, "holdout_curve": r.curve})
 
 
 def parameter_fingerprint(params: Any) -> str:

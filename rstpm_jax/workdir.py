@@ -3,23 +3,29 @@ the trained model of a category (for evaluation, predict and export).
 
     WORKDIR/config.json            resolved config (merged over the defaults when loaded)
     WORKDIR/teachers/              frozen teacher variables
+    WORKDIR/teachers.json          what they are: per teacher the arch and the weight file's
+                                   sha256, or "random" with the seed (checked on every use)
     WORKDIR/<category>/checkpoints orbax checkpoints of the students
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from absl import logging
 
-from rstpm_jax import checkpoints, defaults, registry, sharding
+from rstpm_jax import checkpoints, config_checks, defaults, registry, sharding
 from rstpm_jax.models.rstpm import RSTPM, build_model
 from rstpm_jax.state import TrainState, create_train_state
 
 CONFIG_FILE = "config.json"
+TEACHERS_RECORD = "teachers.json"
 
 
 def category_dir(workdir: str, category: str) -> str:
@@ -35,15 +41,13 @@ def best_dir(workdir: str, category: str) -> str:
     return os.path.join(workdir, category, "best")
 
 
-SELECTIONS = ("last", "best_holdout")
-
-
 def selected_checkpoint(config: ml_collections.ConfigDict, workdir: str, category: str) -> str:
     """The checkpoint folder evaluation, predict and export use: ``best/`` when the config
     selects the best held-out epoch (and training wrote it), else ``checkpoints/``."""
     selection = str(config.train.get("select_epoch", "last"))
-    if selection not in SELECTIONS:
-        raise ValueError(f"config.train.select_epoch must be one of {SELECTIONS}, got {selection!r}.")
+    if selection not in config_checks.SELECTIONS:
+        raise ValueError(f"config.train.select_epoch must be one of {config_checks.SELECTIONS}, "
+                         f"got {selection!r}.")
     best = best_dir(workdir, category)
     if selection == "best_holdout" and os.path.isdir(best):
         return best
@@ -123,13 +127,205 @@ def init_state(config: ml_collections.ConfigDict, model: RSTPM) -> tuple[TrainSt
     return create_train_state(jax.random.key(config.seed), config, model, int(config.data.image_size))
 
 
+# ----------------------------------------------------------------------------- teachers' identity
+
+_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest, once per process
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def teachers_identity(config: ml_collections.ConfigDict, *, hash_files: bool = True) -> dict[str, Any]:
+    """What the config's teachers are: ``{"teacher1": {"arch", "stages", "weights", "seed" |
+    "sha256"}, "teacher2": ... or None}`` (``weights`` is "random" or the file's path).
+
+    ``hash_files``: hash the weight files (they must exist); else ``sha256`` is None."""
+    m = config.model
+    student2 = bool(m.student2)
+
+    def one(name: str, stages: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"arch": str(m[name]), "stages": stages}
+        if m.random_teachers:
+            return {**out, "weights": "random", "seed": int(config.seed)}
+        path = os.path.abspath(os.path.expanduser(str(m[f"{name}_weights"])))
+        if hash_files and not os.path.isfile(path):
+            from rstpm_jax import config_checks  # noqa: PLC0415 (the message only)
+            raise FileNotFoundError(config_checks.missing_weights_message(m, name))
+        return {**out, "weights": path, "sha256": file_sha256(path) if hash_files else None}
+
+    return {"teacher1": one("teacher1", 4 if student2 else 3),
+            "teacher2": one("teacher2", 3) if student2 else None}
+
+
+def read_teachers_record(workdir: str) -> dict[str, Any] | None:
+    """``WORKDIR/teachers.json``, or None when the workdir predates it (or has no teachers)."""
+    path = os.path.join(workdir, TEACHERS_RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}). It records which teachers {teachers_dir(workdir)} "
+                         "holds; train into a new --workdir, or delete it to have it checked and "
+                         "rewritten on the next training run.") from e
+    return record
+
+
+def write_teachers_record(workdir: str, identity: dict[str, Any]) -> None:
+    """Write ``WORKDIR/teachers.json`` (host 0; atomically)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, TEACHERS_RECORD)
+    with open(path + ".tmp", "w") as f:
+        json.dump(identity, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _describe_teacher(t: dict[str, Any] | None) -> str:
+    if t is None:
+        return "none"
+    what = f"{t.get('arch')} up to layer{t.get('stages')}"
+    if t.get("weights") == "random":
+        return f"random {what} (seed {t.get('seed')})"
+    sha = t.get("sha256")
+    return f"{what} from {t.get('weights')}" + (f" (sha256 {sha[:12]})" if sha else "")
+
+
+def teacher_differences(recorded: dict[str, Any], wanted: dict[str, Any], *,
+                        compare_files: bool = True) -> list[str]:
+    """How the teachers ``wanted`` differ from those ``recorded`` (empty: the same). Weight
+    files are compared by content (sha256; the path may change) when ``compare_files``."""
+    diffs = []
+    for name in ("teacher1", "teacher2"):
+        r, w = recorded.get(name), wanted.get(name)
+        if r is None and w is None:
+            continue
+        same = r is not None and w is not None and all(r.get(k) == w.get(k) for k in ("arch", "stages"))
+        if same:
+            r_random, w_random = r.get("weights") == "random", w.get("weights") == "random"
+            if r_random or w_random:
+                same = r_random and w_random and r.get("seed") == w.get("seed")
+            elif compare_files and w.get("sha256") is not None:
+                same = r.get("sha256") == w.get("sha256")
+        if not same:
+            diffs.append(f"{name}: the workdir holds {_describe_teacher(r)}, the config asks for "
+                         f"{_describe_teacher(w)}")
+    return diffs
+
+
+def teachers_mismatch_error(workdir: str, diffs: list[str]) -> ValueError:
+    return ValueError(
+        f"The teachers in {teachers_dir(workdir)} are not the ones the config names: "
+        + "; ".join(diffs) + ". Every checkpoint there was trained against the workdir's teachers, "
+        "so it cannot be resumed, evaluated or served with other ones. Train with other teachers "
+        "into a new --workdir (or delete WORKDIR/teachers, WORKDIR/teachers.json and the category "
+        f"folders to start this one afresh); to keep using this workdir, use the model keys of "
+        f"its {CONFIG_FILE} (e.g. config.model.random_teachers, config.model.teacher1_weights).")
+
+
+def check_teachers(config: ml_collections.ConfigDict, workdir: str, *, compare_files: bool = True) -> bool:
+    """Raise when ``WORKDIR/teachers.json`` records other teachers than ``config``'s (with
+    ``compare_files`` the weight files' sha256 too, else arch, stages and random/seed only).
+    Returns False when there is nothing to compare against (no record)."""
+    record = read_teachers_record(workdir)
+    if record is None or not os.path.isdir(teachers_dir(workdir)):
+        return False
+    diffs = teacher_differences(record, teachers_identity(config, hash_files=compare_files),
+                                compare_files=compare_files)
+    if diffs:
+        raise teachers_mismatch_error(workdir, diffs)
+    return True
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    return (jax.tree.structure(a) == jax.tree.structure(b)
+            and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)))
+
+
+def ensure_teachers(config: ml_collections.ConfigDict, workdir: str, teacher_vars: Any) -> None:
+    """Before training: save the config's teachers (``teacher_vars``, replicated) and their
+    record when the workdir has none; else check that they are the workdir's.
+
+    A workdir written before ``teachers.json`` existed is checked by value (the saved
+    teachers against the config's) and, when they agree, given its record."""
+    directory = teachers_dir(workdir)
+    identity = teachers_identity(config)
+    if not os.path.isdir(directory):
+        write_teachers_record(workdir, identity)  # first: a crash before the save leaves no teachers/
+        checkpoints.save_variables(directory, teacher_vars)
+        return
+    record = read_teachers_record(workdir)
+    if record is not None:
+        diffs = teacher_differences(record, identity)
+        if diffs:
+            raise teachers_mismatch_error(workdir, diffs)
+        return
+    try:
+        saved = checkpoints.load_variables(directory, teacher_vars)
+        same = _same_values(saved, teacher_vars)
+    except Exception as e:  # noqa: BLE001 - orbax raises several types for another tree
+        logging.info("teachers/ does not restore into the config's teachers: %s", e)
+        same = False
+    if not same:
+        raise teachers_mismatch_error(workdir, [
+            f"{directory} (written before teachers.json was recorded) holds other values than "
+            f"the config's teachers ({_describe_teacher(identity['teacher1'])}; teacher2: "
+            f"{_describe_teacher(identity['teacher2'])})"])
+    logging.info("%s: the saved teachers equal the config's; recorded them in %s.", directory, TEACHERS_RECORD)
+    write_teachers_record(workdir, identity)
+
+
+def check_teachers_before_training(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Before a training run writes anything: the config's teachers must be the workdir's
+    (``check_teachers``; a workdir without the record is checked by value, as
+    ``ensure_teachers`` does, and recorded when they agree)."""
+    if check_teachers(config, workdir) or not os.path.isdir(teachers_dir(workdir)):
+        return
+    model = create_model(config)
+    _, random_teachers = init_state(config, model)
+    teachers = checkpoints.teacher_variables(config.model, random_teachers)
+    ensure_teachers(config, workdir, sharding.replicate(teachers, sharding.make_mesh()))
+
+
 def load_teachers(config: ml_collections.ConfigDict, workdir: str, random_teachers: dict,
                   mesh: jax.sharding.Mesh) -> Any:
-    """The run's frozen teachers (``WORKDIR/teachers``, else from the config), replicated."""
+    """The run's frozen teachers (``WORKDIR/teachers``, else from the config), replicated.
+
+    ``WORKDIR/teachers.json`` must agree with the config's model keys (arch, stages,
+    random/seed; the weight files need not be present). A workdir without the record is
+    checked by value when the config's teachers can be built (random, or the weight files
+    present), else used with a warning."""
     directory = teachers_dir(workdir)
-    if os.path.isdir(directory):
-        return checkpoints.load_variables(directory, sharding.replicate(random_teachers, mesh))
-    return sharding.replicate(checkpoints.teacher_variables(config.model, random_teachers), mesh)
+    if not os.path.isdir(directory):
+        return sharding.replicate(checkpoints.teacher_variables(config.model, random_teachers), mesh)
+    checked = check_teachers(config, workdir, compare_files=False)
+    teachers = checkpoints.load_variables(directory, sharding.replicate(random_teachers, mesh))
+    if checked:
+        return teachers
+    try:
+        wanted = teachers_identity(config)  # raises when a weight file is missing
+    except FileNotFoundError:
+        logging.warning("%s has no %s (written by an earlier version) and the config's weight files "
+                        "are absent: cannot check that its teachers are the config's.", workdir,
+                        TEACHERS_RECORD)
+        return teachers
+    if not _same_values(teachers, checkpoints.teacher_variables(config.model, random_teachers)):
+        raise teachers_mismatch_error(workdir, [
+            f"{directory} (written before teachers.json was recorded) holds other values than the "
+            f"config's teachers ({_describe_teacher(wanted['teacher1'])}; teacher2: "
+            f"{_describe_teacher(wanted['teacher2'])})"])
+    return teachers
 
 
 def selection_record(config: ml_collections.ConfigDict, workdir: str, category: str) -> dict[str, Any]:

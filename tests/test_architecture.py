@@ -19,11 +19,12 @@ PACKAGE = os.path.join(REPO_ROOT, "rstpm_jax")
 
 # Layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"levels", "registry", "defaults", "ablations", "paper_results", "data.mvtec", "data.preprocess",
+    {"levels", "registry", "defaults", "ablations", "paper_results", "guards", "data.mvtec", "data.preprocess",
      "ops.compile_options", "ops.conv", "ops.pool", "ops.batch_norm", "jobs"},
     {"distances", "losses", "anomaly_maps", "metrics", "sharding", "figures", "reports",
      "models.layers", "models.resnet", "models.pretrained", "models.attention", "models.students",
-     "models.rstpm", "ops.layers", "data.synthetic", "data.tfds_mvtec", "data.input_pipeline", "data.sources"},
+     "models.rstpm", "ops.layers", "data.synthetic", "data.tfds_mvtec", "data.input_pipeline", "data.sources",
+     "config_checks"},
     {"checkpoints", "state", "teacher_cache", "metric_log", "inference", "workdir", "fleet"},
     {"train", "evaluate"},
     {"artifacts", "run"},

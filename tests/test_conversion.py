@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -234,8 +235,53 @@ def test_non_torch_file(converted, tmp_path, kind):
             np.save(f, np.zeros(3))
     else:  # an already converted file passed as input
         path.write_bytes(open(converted["resnet18"]["dst"], "rb").read())
-    with pytest.raises(ct.ConversionError, match="is not a readable torch state-dict file"):
+    expected = {"text": "is a text file, not a torch state dict .*conv1.weight",
+                "npy": r"is not a torch file \(it starts with bytes b'\\x93NUMPY",
+                "msgpack": "already converted Flax weights .*teacher1_weights"}[kind]
+    with pytest.raises(ct.ConversionError, match=expected):
         ct.convert_file(path, tmp_path / "out.msgpack", "resnet18")
+
+
+def test_empty_text_and_folder_output_are_clear_errors(converted, tmp_path):
+    """Issue 18: a zero-byte .pth was an IndexError, a text file "KeyError: 101", --output a
+    folder a raw IsADirectoryError."""
+    empty, text = tmp_path / "empty.pth", tmp_path / "page.pth"
+    empty.write_bytes(b"")
+    text.write_text("<html><body>404 Not Found</body></html>\n")
+    for path, message in ((empty, "is empty \\(0 bytes\\)"), (text, "is a text file.*404 Not Found")):
+        proc = _cli("--arch", "resnet18", "--input", str(path), "--output", str(tmp_path / "o.msgpack"))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert re.search(message, proc.stderr), proc.stderr
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    proc = _cli("--arch", "resnet18", "--input", converted["resnet18"]["src"], "--output", str(folder))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--output {folder} is a folder" in proc.stderr and f"{folder}/resnet18.msgpack" in proc.stderr
+
+
+def test_weights_of_another_arch_as_a_teacher_say_what_the_file_holds(converted, tmp_path):
+    """resnet50 weights as teacher1 (resnet18): the message names resnet50, from the sidecar or,
+    without one, from the layer structure."""
+    import ml_collections
+
+    from rstpm_jax import checkpoints
+    from rstpm_jax.models.rstpm import build_model
+
+    cfg = ml_collections.ConfigDict({"teacher1": "resnet18", "teacher2": "resnet50", "student1": True,
+                                     "student2": False, "attention": False, "attention_mode": "mul",
+                                     "decoder_widths": (256, 128, 64), "dtype": "float32",
+                                     "random_teachers": False, "fast_cpu_ops": False,
+                                     "teacher1_weights": converted["resnet50"]["dst"],
+                                     "teacher2_weights": ""})
+    random_vars, _ = build_model(cfg).init(jax.random.key(0), (1, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"config.model.teacher1='resnet18'.*holds resnet50 weights "
+                                         r"\(per its sidecar .*resnet50.msgpack.json\)"):
+        checkpoints.teacher_variables(cfg, random_vars)
+    bare = tmp_path / "r50_no_sidecar.msgpack"
+    bare.write_bytes(open(converted["resnet50"]["dst"], "rb").read())
+    cfg.teacher1_weights = str(bare)
+    with pytest.raises(ValueError, match=r"holds resnet50 weights \(by its layer structure"):
+        checkpoints.teacher_variables(cfg, random_vars)
 
 
 def test_corrupt_msgpack(converted, tmp_path):

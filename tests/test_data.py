@@ -178,13 +178,28 @@ def test_normalisation_and_pil_parity(root):
     expected = ((raw / 255 - preprocess.IMAGENET_MEAN) / preprocess.IMAGENET_STD).mean(axis=(0, 1, 2))
     np.testing.assert_allclose(images.astype(np.float64).mean(axis=(0, 1, 2)), expected, atol=1e-5)
     np.testing.assert_allclose(images[3], preprocess.load_image_file(files[3].path, 128), atol=1e-5)
-    # resized: TF (pipeline) and PIL (inference) agree within one grey level
-    small, _ = ip.load_images(root, "button", "train", image_size=(48, 80), holdout_fraction=0.1,
-                              seed=0, process_index=0, process_count=1)
-    assert small.shape[1:] == (48, 80, 3) and small.dtype == np.float32
-    for k in (0, 7):
-        ref = preprocess.load_image_file(files[k].path, (48, 80))
-        assert np.abs(small[k] - ref).max() <= STD_LEVEL + 1e-4
+
+
+def test_pipeline_and_predict_preprocess_identically(broken):
+    """Resized images (colour, grayscale, JPEG, odd sizes): the tf.data pipeline feeds exactly
+    the pixels predict's PIL preprocessing makes (issue 18: TF's resize differed by about one
+    grey level in 16% of the pixels)."""
+    cdir = os.path.join(broken, "mesh")
+    good = os.path.join(cdir, "train", "good")
+    rgb = Image.open(os.path.join(good, "000.png")).convert("RGB")
+    rgb.resize((150, 90), Image.BILINEAR).save(os.path.join(good, "odd_size.png"))
+    rgb.save(os.path.join(good, "photo.jpg"), quality=90)
+    files = mvtec.scan_category(broken, "mesh").train
+    for size in (64, (48, 80)):
+        images, idx = ip.load_images(broken, "mesh", "train", image_size=size, holdout_fraction=0.0,
+                                     seed=0, process_index=0, process_count=1)
+        ref = np.stack([preprocess.load_image_file(files[i], size) for i in idx])
+        np.testing.assert_array_equal(images, ref)
+    out = _collect(ip.eval_dataset(broken, "mesh", image_size=(48, 80), global_batch_size=12,
+                                   process_index=0, process_count=1))
+    items = ip.test_items(broken, "mesh")
+    np.testing.assert_array_equal(out["image"], np.stack([preprocess.load_image_file(items[i].path, (48, 80))
+                                                          for i in out["index"]]))
 
 
 def test_grayscale_becomes_three_equal_channels(root):
@@ -396,17 +411,112 @@ def test_bad_batch_sizes(root):
         ip.num_examples(root, "mesh", "val")
 
 
-def test_decode_failure_in_the_pipeline_names_the_file(broken):
-    """A truncated JPEG passes the header check; the pipeline error still names it."""
-    src = os.path.join(broken, "mesh", "train", "good", "003.png")
+@pytest.mark.parametrize("folder", ["train/good", "test/good"])
+def test_truncated_jpeg_fails_at_the_scan(broken, folder):
+    """A truncated JPEG passes a header check; the scan's full decode names it (issue 18: it
+    used to fail only when the pipeline reached it, after training)."""
+    src = os.path.join(broken, "mesh", folder, "003.png")
     jpg = src[:-4] + ".jpg"
     Image.open(src).save(jpg)
     os.remove(src)
     data = open(jpg, "rb").read()
     open(jpg, "wb").write(data[: len(data) // 3])
-    with pytest.raises(ValueError, match="Cannot decode image file .*003.jpg"):
+    with pytest.raises(ValueError, match=f"Corrupt or truncated image file .*{folder}/003.jpg.*truncated"):
+        mvtec.scan_category(broken, "mesh")
+
+
+def test_full_decode_runs_once_per_file(broken, monkeypatch):
+    mvtec.scan_category(broken, "mesh")
+    calls = []
+    real_open = mvtec.Image.open
+    monkeypatch.setattr(mvtec.Image, "open", lambda *a, **k: calls.append(a[0]) or real_open(*a, **k))
+    mvtec.scan_category(broken, "mesh")
+    assert calls == []  # cached per (path, size, mtime)
+    path = os.path.join(broken, "mesh", "train", "good", "004.png")
+    os.utime(path, ns=(0, 1))  # a changed file is decoded again
+    mvtec.scan_category(broken, "mesh")
+    assert calls == [path, path]  # verify(), then the full load()
+
+
+def test_decode_failure_in_the_pipeline_names_the_file(broken):
+    """A file that breaks after the scan (same size and mtime): the pipeline error names it."""
+    path = os.path.join(broken, "mesh", "train", "good", "003.png")
+    mvtec.scan_category(broken, "mesh")
+    st = os.stat(path)
+    open(path, "wb").write(b"x" * st.st_size)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ValueError, match="Cannot decode image .*003.png"):
         ip.load_images(broken, "mesh", "train", image_size=32, holdout_fraction=0.0, seed=0,
                        process_index=0, process_count=1)
+
+
+def test_subfolders_are_read_and_masks_follow_them(broken):
+    """Images in subfolders of train/good and test/<defect> are read (issue 18: 16 of 32 moved
+    to train/good/batch2/ were dropped without a word); a defect's mask sits in the same
+    subfolder of ground_truth/<defect>."""
+    cdir = os.path.join(broken, "mesh")
+    good = os.path.join(cdir, "train", "good")
+    before = sorted(os.listdir(good))
+    os.makedirs(os.path.join(good, "batch2"))
+    for name in before[16:]:
+        os.rename(os.path.join(good, name), os.path.join(good, "batch2", name))
+    for sub in ("test/hole", "ground_truth/hole"):
+        os.makedirs(os.path.join(cdir, sub, "line2"))
+    os.rename(os.path.join(cdir, "test/hole/001.png"), os.path.join(cdir, "test/hole/line2/001.png"))
+    os.rename(os.path.join(cdir, "ground_truth/hole/001_mask.png"),
+              os.path.join(cdir, "ground_truth/hole/line2/001_mask.png"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped, nothing to warn about
+        files = mvtec.scan_category(broken, "mesh")
+    assert len(files.train) == 32
+    assert [os.path.relpath(p, good) for p in files.train] == before[:16] + [f"batch2/{n}" for n in before[16:]]
+    moved = next(t for t in files.test if t.path.endswith("line2/001.png"))
+    assert moved.mask_path.endswith("ground_truth/hole/line2/001_mask.png") and moved.label == 1
+    # a subfolder image without its mask in the same subfolder is an error naming the expected path
+    os.rename(moved.mask_path, os.path.join(cdir, "ground_truth/hole/001_mask.png"))
+    with pytest.raises(FileNotFoundError, match="line2/001.png has no mask.*hole/line2/001_mask.png"):
+        mvtec.scan_category(broken, "mesh")
+
+
+def test_every_skipped_path_is_named_in_one_warning(broken):
+    good = os.path.join(broken, "mesh", "train", "good")
+    os.symlink(os.path.join(good, "gone.png"), os.path.join(good, "broken_link.png"))
+    open(os.path.join(good, "notes.txt"), "w").write("x")
+    Image.new("RGB", (8, 8)).save(os.path.join(good, "image.webp"))
+    os.makedirs(os.path.join(good, "sub"))
+    open(os.path.join(good, "sub", "readme.md"), "w").write("x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        files = mvtec.scan_category(broken, "mesh")
+    assert len(files.train) == 32
+    mine = [str(w.message) for w in caught if good in str(w.message)]
+    assert len(mine) == 1, mine
+    assert mine[0].startswith(f"Skipping 4 path(s) under {good}")
+    for name in ("broken_link.png (broken symlink", "notes.txt (not an image", "image.webp (not an image",
+                 "sub/readme.md (not an image"):
+        assert name in mine[0], mine[0]
+
+
+def test_check_categories_decodes_every_category_before_training(root, tmp_path):
+    """A corrupt test image in the second category, or a category too small for the batch,
+    fails the check that runs before the first category trains."""
+    import ml_collections
+
+    from rstpm_jax.data import sources
+    data = tmp_path / "data"
+    for c in ("button", "mesh"):
+        shutil.copytree(os.path.join(root, c), data / c)
+    source = sources.Source(str(data))
+    config = ml_collections.ConfigDict({"data": {"holdout_fraction": 0.1}, "train": {"batch_size": 8},
+                                        "seed": 0, "mode": "train"})
+    sources.check_categories(source, ["button", "mesh"], config)
+    config.train.batch_size = 30  # 29 training images each after the holdout
+    with pytest.raises(ValueError, match="button: 29 training images .* config.train.batch_size=30"):
+        sources.check_categories(source, ["button", "mesh"], config)
+    bad = data / "mesh" / "test" / "good" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(ValueError, match="Corrupt or truncated image file .*mesh/test/good/001.png"):
+        sources.check_categories(source, ["button", "mesh"])
 
 
 def test_scan_synthetic_and_inference_loading_do_not_import_tensorflow(root):

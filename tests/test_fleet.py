@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
-import time
 
-import numpy as np
 import pytest
 
 from tests import _train_helpers as h

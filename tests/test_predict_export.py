@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rstpm_jax import predict
+from rstpm_jax import export, predict
 from tests import _train_helpers as h
 
 SIZE = 64  # the synthetic images' own size: no resize, so evaluation and predict see the same pixels
@@ -227,6 +227,53 @@ def test_clear_errors(trained, tmp_path, capsys):
         predict.resolve_thresholds(str(tmp_path), "fabric")
 
 
+def test_predict_never_scores_its_own_output(base, trained, capsys):
+    """Issue 18: `--input X --output X/out` run twice scored X/out's maps, masks and overlays;
+    a reused output folder kept the previous run's files beside the new CSV."""
+    import time
+    root, workdir = trained
+    folder = base / "own_output"
+    folder.mkdir()
+    for src in sorted(glob.glob(os.path.join(root, "fabric", "test", "*", "000.png"))):
+        shutil.copy(src, folder / f"{os.path.basename(os.path.dirname(src))}.png")
+    n = len(os.listdir(folder))
+    out = folder / "out"
+    args = ["--workdir", workdir, "--category", "fabric", "--output", str(out), "--no_progress"]
+    assert predict.main([*args, "--input", str(folder)]) == 0
+    first = json.load(open(out / "predictions.json"))
+    assert first["num_images"] == n
+    (out / "my_notes.txt").write_text("kept")
+    t0 = time.perf_counter()
+    assert predict.main([*args, "--input", str(folder)]) == 2  # refused: not empty
+    assert time.perf_counter() - t0 < 5  # before the model is loaded
+    err = capsys.readouterr().err
+    assert f"--output {out} is not empty" in err and "--overwrite" in err
+    assert predict.main([*args, "--input", str(folder / "good.png"), "--overwrite"]) == 0
+    second = json.load(open(out / "predictions.json"))
+    assert [r["file"] for r in second["predictions"]] == [str(folder / "good.png")]
+    for sub in ("maps", "overlays", "masks"):  # the first run's files are gone
+        assert os.listdir(out / sub) == ["good.png"], sub
+    assert (out / "my_notes.txt").read_text() == "kept"  # not predict's: untouched
+    assert predict.main([*args, "--input", str(folder), "--overwrite"]) == 0
+    third = json.load(open(out / "predictions.json"))
+    assert third["num_images"] == n and not any(str(out) in r["file"] for r in third["predictions"])
+    assert predict.main([*args[:4], "--output", str(folder / "good.png"), "--input", str(folder)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_export_refuses_unknown_platforms_at_once(trained, tmp_path, capsys):
+    """Issue 18: `--platforms=cpu,gpu` failed after 30 s with a raw RuntimeError."""
+    import time
+    _, workdir = trained
+    t0 = time.perf_counter()
+    assert export.main(["--workdir", workdir, "--category", "fabric", "--output", str(tmp_path / "m"),
+                        "--platforms=cpu,gpu"]) == 2
+    assert time.perf_counter() - t0 < 1
+    err = capsys.readouterr().err
+    assert "unknown ['gpu']" in err and "'cuda'" in err and "cpu, cuda, rocm, tpu" in err
+    assert not os.path.exists(tmp_path / "m")
+
+
 FRESH = r"""
 import json, sys
 import numpy as np
@@ -281,8 +328,8 @@ NEWER_KEYS = {"": ("plugins",), "data": ("tfds_dir",), "model": ("fast_cpu_ops",
 
 
 def test_a_workdir_of_an_earlier_version_still_predicts(base, trained, predicted):
-    """config.json without the newer keys (as the first release wrote it): defaults are merged in
-    and predict gives the same scores."""
+    """config.json without the newer keys (as the first release wrote it) and no teachers.json:
+    defaults are merged in and predict gives the same scores."""
     _, workdir = trained
     _, summary, _ = predicted
     old = str(base / "old_work")
@@ -293,6 +340,7 @@ def test_a_workdir_of_an_earlier_version_still_predicts(base, trained, predicted
         for key in keys:
             (config[section] if section else config).pop(key)
     json.dump(config, open(path, "w"))
+    os.remove(os.path.join(old, "teachers.json"))  # recorded since issue 18: checked by value without it
     files = [r["file"] for r in summary["predictions"]][:4]
     got, _ = _predict_cli(base, old, files[0].rsplit("/", 1)[0] + "/*.png", str(base / "pred_old"),
                           "--map_format", "npy")

@@ -173,3 +173,29 @@ def test_denormalize_inverts_imagenet_normalisation():
     np.testing.assert_allclose(figures.denormalize(normalised), x, atol=1e-6)
     with pytest.raises(ValueError, match="channels-last"):
         figures.denormalize(np.zeros((3, 4, 4)))
+
+
+def test_summary_marks_a_failed_category_and_keeps_the_others(tmp_path):
+    """Issue 18: a failure in one category must not throw the others' results away."""
+    from rstpm_jax import artifacts
+
+    rows = {"carpet": {k: v for k, v in _row("carpet", 1).items() if k != "category"},
+            "cable": artifacts.failed(ValueError("Corrupt or truncated image file /d/cable/test/good/003.png")),
+            "wood": {k: v for k, v in _row("wood", 2).items() if k != "category"}}
+    artifacts.write_summary(str(tmp_path), rows)
+    md = (tmp_path / "results.md").read_text()
+    cable = next(line for line in md.splitlines() if line.startswith("| object | cable"))
+    assert cable.count("**FAILED**") == 2 and "0.976" in cable  # the paper's value is still shown
+    assert "**cable FAILED** (no results; left out of the means): ValueError: Corrupt or truncated" in md
+    assert "**mean (2 of 3)**" in md
+    mean_line = next(line for line in md.splitlines() if "**mean (2 of 3)**" in line and "Δ" not in line)
+    ours = np.mean([rows["carpet"]["pixel_auroc"], rows["wood"]["pixel_auroc"]])
+    cells = [c.strip() for c in mean_line.strip("|").split("|")]
+    assert cells[2] == f"{ours:.3f}"
+    assert cells[3] == f"{(0.990 + 0.964) / 2:.3f}"  # the paper's mean over the same two categories
+    with open(tmp_path / "results.csv") as f:
+        table = {t["category"]: t for t in csv.DictReader(f)}
+    assert table["cable"]["status"] == "failed" and "003.png" in table["cable"]["error"]
+    assert table["cable"]["pixel_auroc"] == "" and table["carpet"]["status"] == "ok"
+    assert float(table["mean"]["pixel_auroc"]) == pytest.approx(ours)
+    assert table["mean"]["error"] == "1 failed"

@@ -10,12 +10,15 @@ which is how ``jax.make_array_from_process_local_data`` assembles the global bat
 - eval: every image once, in file order; the last batch is padded (``valid=False``,
   ``index=-1``) so every host yields the same number of batches.
 
-TensorFlow is imported lazily and never sees a GPU. ``preprocess`` does the same per image
-with PIL alone (predict).
+Images are decoded and resized by ``preprocess`` (PIL, through ``tf.numpy_function``), the
+code predict uses, so both see the same uint8 pixels. TensorFlow is imported lazily and never
+sees a GPU.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -25,7 +28,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from rstpm_jax.data import mvtec
+from rstpm_jax.data import mvtec, preprocess
 from rstpm_jax.data.preprocess import NORM_OFFSET, NORM_SCALE, hw
 
 SPLITS = ("train", "holdout", "test")
@@ -107,8 +110,10 @@ def num_examples(root: str, category: str, split: str, holdout_fraction: float =
 # Decoding
 
 
-def _pil_rgb(path: bytes) -> np.ndarray:
-    return mvtec.read_rgb(path.decode())
+def _pil_rgb(source: bytes, size: tuple[int, int], encoded: bool = False) -> np.ndarray:
+    """A path (or, ``encoded``, the file's bytes) -> uint8 RGB at ``size``, as predict reads it."""
+    rgb = mvtec.read_rgb(io.BytesIO(source) if encoded else source.decode())
+    return preprocess.resize_rgb(rgb, size)
 
 
 def _pil_mask(path: bytes) -> np.ndarray:
@@ -130,7 +135,7 @@ def _loader(items: list[mvtec.TestItem], root: str, category: str, split: str, s
             data_dir: str | None, with_mask: bool):
     """A tf function: item index -> {"image" (uint8, resized), "index"[, "mask", "label", "valid"]}.
 
-    The resized image is rounded to uint8, as PIL's resize in ``preprocess.load_image_file`` is.
+    Images are decoded and resized by ``preprocess.resize_rgb`` (PIL), exactly as predict does.
     """
     tf = _tf()
     labels = tf.constant([it.label for it in items] or [0], tf.int32)
@@ -138,17 +143,11 @@ def _loader(items: list[mvtec.TestItem], root: str, category: str, split: str, s
     if data_dir is None:
         paths = tf.constant([it.path for it in items] or [""])
         mask_paths = tf.constant([it.mask_path or "" for it in items] or [""])
-        use_pil = any(it.path.lower().endswith(_PIL_ONLY) or
-                      (it.mask_path or "").lower().endswith(_PIL_ONLY) for it in items)
-
-        def read_image(i):
-            if use_pil:
-                img = tf.numpy_function(_pil_rgb, [paths[i]], tf.uint8, stateful=False)
-                return tf.ensure_shape(img, [None, None, 3])
-            return _decode(tf, tf.io.read_file(paths[i]), 3)
+        pil_masks = any((it.mask_path or "").lower().endswith(_PIL_ONLY) for it in items)
+        image_source, encoded = paths, False
 
         def read_mask(i):
-            if use_pil:
+            if pil_masks:
                 m = tf.numpy_function(_pil_mask, [mask_paths[i]], tf.uint8, stateful=False)
                 return tf.ensure_shape(m, [None, None, 1])
             return _decode(tf, tf.io.read_file(mask_paths[i]), 1)
@@ -158,16 +157,16 @@ def _loader(items: list[mvtec.TestItem], root: str, category: str, split: str, s
         names = [tfds_mvtec.record_name(root, category, it.path) for it in items]
         images = tf.constant([records[n].image for n in names] or [b""])
         masks = tf.constant([records[n].mask for n in names] or [b""])
-
-        def read_image(i):
-            return _decode(tf, images[i], 3)
+        image_source, encoded = images, True
 
         def read_mask(i):
             return _decode(tf, masks[i], 1)
 
+    read_rgb = functools.partial(_pil_rgb, size=size, encoded=encoded)
+
     def load(i):
-        img = tf.image.resize(read_image(i), size, method="bilinear", antialias=True)
-        out = {"image": tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8), "index": i}
+        img = tf.numpy_function(read_rgb, [image_source[i]], tf.uint8, stateful=False)
+        out = {"image": tf.ensure_shape(img, [*size, 3]), "index": i}
         if with_mask:
             out["mask"] = tf.cond(
                 has_mask[i],

@@ -6,9 +6,12 @@ Layout (MVTec AD, and any product a user brings in the same shape)::
     ROOT/<category>/test/<defect>/*.png              (``good`` = defect-free)
     ROOT/<category>/ground_truth/<defect>/<name>_mask.png   (none for ``good``)
 
-Images may also be .jpg/.jpeg/.bmp/.tif/.tiff. Every file is checked when scanned (PIL
-header and, for PNG, chunk CRCs up to IEND), so a corrupt or truncated file, a missing
-mask or an empty folder is reported by name before training starts.
+Images may also be .jpg/.jpeg/.bmp/.tif/.tiff, and may sit in subfolders of ``train/good``
+and ``test/<defect>`` (a defect image's mask then sits in the same subfolder of
+``ground_truth/<defect>``). Every other path (non-image files, broken symlinks, hidden files)
+is named in one warning per folder. Every file is fully decoded when first scanned (PNG
+chunk CRCs too; once per file and process), so a corrupt or truncated file, a missing mask or
+an empty folder is reported by name before training starts.
 """
 
 from __future__ import annotations
@@ -105,27 +108,61 @@ def resolve_categories(root: str, spec: str) -> list[str]:
     return names
 
 
-def _list_images(folder: str) -> list[str]:
-    """Sorted image files in ``folder``; warns about files with other extensions."""
-    images, other = [], []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith(".") or not os.path.isfile(path):
+_MAX_NAMED = 10
+
+
+def _walk(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every file below ``folder`` (symlinked folders followed once) sorted by relative path,
+    and the skipped entries as ``(path, why)``: hidden, broken symlinks, not regular files."""
+    files, skipped, seen = [], [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a symlink loop or a folder linked twice
+            skipped.append((top, "a folder already read (symlink loop?)"))
+            dirs[:] = []
             continue
-        (images if name.lower().endswith(IMAGE_EXTENSIONS) else other).append(path)
-    if other:
-        warnings.warn(f"Ignoring {len(other)} file(s) in {folder} that are not images "
-                      f"({'/'.join(IMAGE_EXTENSIONS)}): {[os.path.basename(p) for p in other[:5]]}",
+        seen.add(real)
+        for d in [d for d in dirs if d.startswith(".")]:
+            skipped.append((os.path.join(top, d), "hidden folder"))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            path = os.path.join(top, name)
+            if name.startswith("."):
+                skipped.append((path, "hidden"))
+            elif os.path.islink(path) and not os.path.exists(path):
+                skipped.append((path, f"broken symlink to {os.readlink(path)}"))
+            elif not os.path.isfile(path):
+                skipped.append((path, "not a regular file"))
+            else:
+                files.append(path)
+    key = lambda p: os.path.relpath(p, folder).replace(os.sep, "/")  # TFDS's record order
+    return sorted(files, key=key), sorted(skipped)
+
+
+def _list_images(folder: str) -> list[str]:
+    """Image files below ``folder`` (subfolders included), sorted by relative path; ONE
+    warning naming every other path skipped (non-image files, broken symlinks, hidden ones)."""
+    files, skipped = _walk(folder)
+    images = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
+    skipped += [(p, f"not an image ({'/'.join(IMAGE_EXTENSIONS)})") for p in files
+                if not p.lower().endswith(IMAGE_EXTENSIONS)]
+    if skipped:
+        skipped.sort()
+        named = [f"{os.path.relpath(p, folder)} ({why})" for p, why in skipped[:_MAX_NAMED]]
+        more = f" and {len(skipped) - _MAX_NAMED} more" if len(skipped) > _MAX_NAMED else ""
+        warnings.warn(f"Skipping {len(skipped)} path(s) under {folder}: {'; '.join(named)}{more}.",
                       stacklevel=3)
     return images
 
 
-# (path, size, mtime_ns) -> (width, height): each file is verified once per process.
+# (path, size, mtime_ns) -> (width, height): each file is decoded once per process.
 _VERIFIED: dict[tuple[str, int, int], tuple[int, int]] = {}
+DECODE_THREADS = 8
 
 
 def image_size_of(path: str) -> tuple[int, int]:
-    """(width, height) of an image after checking it is readable; ValueError naming the file."""
+    """(width, height) of an image after decoding it fully (PNG: chunk CRCs too); ValueError
+    naming the file. Cached per (path, size, mtime), so each file is decoded once."""
     st = os.stat(path)
     key = (path, st.st_size, st.st_mtime_ns)
     if key in _VERIFIED:
@@ -133,7 +170,9 @@ def image_size_of(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             size = im.size
-            im.verify()  # PNG: walks every chunk to IEND checking CRCs; catches truncation.
+            im.verify()  # PNG: walks every chunk to IEND checking CRCs
+        with Image.open(path) as im:
+            im.load()  # every format: the whole image decodes (a truncated JPEG fails here)
     except Exception as e:  # PIL raises several types (UnidentifiedImageError, SyntaxError, OSError)
         raise ValueError(f"Corrupt or truncated image file {path}: {type(e).__name__}: {e}. "
                          "Replace it (re-download or re-extract the dataset) or delete it.") from e
@@ -141,15 +180,31 @@ def image_size_of(path: str) -> tuple[int, int]:
     return size
 
 
+def decode_all(paths: list[str]) -> list[tuple[int, int]]:
+    """``image_size_of`` of every path, decoded in threads (PIL releases the GIL); the first
+    bad file in ``paths``' order raises."""
+    todo = [p for p in paths if (p, *_stat_key(p)) not in _VERIFIED]
+    if len(todo) > 1:
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 (only with work to do)
+        with ThreadPoolExecutor(min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
+            list(pool.map(image_size_of, todo))
+    return [image_size_of(p) for p in paths]
+
+
+def _stat_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def _masks_in(gt_dir: str) -> dict[str, str]:
-    """``{image stem: mask path}`` for ``<stem>_mask.<ext>`` files in ``gt_dir``."""
+    """``{image stem relative to gt_dir: mask path}`` for ``<stem>_mask.<ext>`` files below ``gt_dir``."""
     if not os.path.isdir(gt_dir):
         return {}
     out = {}
-    for name in sorted(os.listdir(gt_dir)):
-        stem, ext = os.path.splitext(name)
+    for path in _walk(gt_dir)[0]:
+        stem, ext = os.path.splitext(os.path.relpath(path, gt_dir))
         if stem.endswith("_mask") and ext.lower() in IMAGE_EXTENSIONS:
-            out.setdefault(stem[:-len("_mask")], os.path.join(gt_dir, name))
+            out.setdefault(stem[:-len("_mask")], path)
     return out
 
 
@@ -170,31 +225,38 @@ def scan_category(root: str, category: str, *, verify: bool = True) -> CategoryF
                                 "test/good/ and test/<defect>/ folders.")
     defects = sorted(d for d in os.listdir(test_dir)
                      if not d.startswith(".") and os.path.isdir(os.path.join(test_dir, d)))
+    loose = sorted(d for d in os.listdir(test_dir) if d not in defects)
+    if loose:
+        warnings.warn(f"Skipping {len(loose)} path(s) in {test_dir} that are not defect folders "
+                      f"(test images go in test/good/ or test/<defect>/): {loose[:_MAX_NAMED]}",
+                      stacklevel=2)
     defects = sorted(defects, key=lambda d: d != GOOD)  # good first, then defects A-Z
     test: list[TestItem] = []
     for defect in defects:
         gt_dir = os.path.join(cdir, "ground_truth", defect)
         masks = _masks_in(gt_dir) if defect != GOOD else {}
-        for path in _list_images(os.path.join(test_dir, defect)):
+        defect_dir = os.path.join(test_dir, defect)
+        for path in _list_images(defect_dir):
             if defect == GOOD:
                 test.append(TestItem(path, None, 0, defect))
                 continue
-            stem = os.path.splitext(os.path.basename(path))[0]
+            stem = os.path.splitext(os.path.relpath(path, defect_dir))[0]  # sub/folders kept
             mask = masks.get(stem)
             if mask is None:
                 raise FileNotFoundError(
-                    f"Defect image {path} has no mask: expected {gt_dir}/{stem}_mask.png "
+                    f"Defect image {path} has no mask: expected {os.path.join(gt_dir, stem)}_mask.png "
                     "(binary, same size as the image). Add the mask or move the image out of test/.")
             test.append(TestItem(path, mask, 1, defect))
     if not test:
         raise ValueError(f"No test images under {test_dir}/ (expected test/good/ and test/<defect>/).")
     if verify:
-        for path in train:
-            image_size_of(path)
+        masks = [t.mask_path for t in test if t.mask_path is not None]
+        sizes = dict(zip(train + [t.path for t in test] + masks,
+                         decode_all(train + [t.path for t in test] + masks)))
         for item in test:
-            size = image_size_of(item.path)
+            size = sizes[item.path]
             if item.mask_path is not None:
-                msize = image_size_of(item.mask_path)
+                msize = sizes[item.mask_path]
                 if msize != size:
                     warnings.warn(f"Mask {item.mask_path} is {msize[0]}x{msize[1]} but its image "
                                   f"{item.path} is {size[0]}x{size[1]}; the mask is resized "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -67,3 +69,30 @@ def resolve_categories(root: str, spec: str, tfds_dir: str | None = None) -> lis
                              f"{root} does not exist to prepare them from.")
         return names
     return mvtec.resolve_categories(root, spec)
+
+
+def check_categories(source: Source, categories: Sequence[str],
+                     config: ml_collections.ConfigDict | None = None) -> None:
+    """Before the first category trains: every image and mask of every category decoded (a
+    folder source; prepared TFDS data was decoded when prepared), and, with ``config``, each
+    category's training split (after ``data.holdout_fraction``) at least ``train.batch_size``.
+    Raises naming the file or the category."""
+    from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow, for prepared TFDS data)
+
+    t0, n = time.time(), 0
+    for category in categories:
+        files = (input_pipeline.category_files(source.root, category, source.tfds_dir) if source.tfds_dir
+                 else mvtec.scan_category(source.root, category, verify=True))
+        n += len(files.train) + len(files.test) + sum(t.mask_path is not None for t in files.test)
+        if config is None:
+            continue
+        holdout, gbs = float(config.data.holdout_fraction), int(config.train.batch_size)
+        try:
+            train, _ = input_pipeline.split_train_holdout(files.train, holdout, int(config.seed))
+        except ValueError as e:
+            raise ValueError(f"{category}: {e}") from e
+        if config.mode == "train" and len(train) < gbs:
+            raise ValueError(f"{category}: {len(train)} training images (after holding out "
+                             f"data.holdout_fraction={holdout}) is fewer than config.train.batch_size={gbs}; "
+                             "lower the batch size or add images to train/good.")
+    logging.info("Checked %d files of %d categories in %.1f s.", n, len(categories), time.time() - t0)

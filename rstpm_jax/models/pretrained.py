@@ -88,6 +88,32 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     return record
 
 
+def guess_arch(variables: dict[str, Any]) -> str | None:
+    """The ResNet a converted tree looks like (blocks per stage, bottleneck or basic), or None."""
+    blocks: dict[int, int] = {}
+    bottleneck = False
+    for name, block in (variables.get("params") or {}).items():
+        if name.startswith("layer") and "_" in name:
+            stage = int(name[len("layer"):name.index("_")])
+            blocks[stage] = blocks.get(stage, 0) + 1
+            bottleneck |= "conv3" in block
+    sizes = tuple(blocks.get(i, 0) for i in range(1, 5))
+    kind = "bottleneck" if bottleneck else "basic"
+    return next((a for a, spec in resnet.ARCHS.items() if spec == (kind, sizes)), None)
+
+
+def describe(path: str | os.PathLike, variables: dict[str, Any] | None = None) -> str | None:
+    """What a converted weight file holds: "resnet50 (per its sidecar X.json)", or from the tree."""
+    try:
+        meta = read_metadata(path)
+    except ValueError:
+        meta = None
+    if meta and meta.get("arch"):
+        return f"{meta['arch']} weights (per its sidecar {os.fspath(path)}.json)"
+    arch = guess_arch(variables) if variables is not None else None
+    return f"{arch} weights (by its layer structure; no sidecar)" if arch else None
+
+
 def truncate_variables(variables: dict[str, Any], depth: int) -> dict[str, Any]:
     """Drop stages deeper than ``depth`` (e.g. ``layer4`` of a teacher used to ``layer3``)."""
     drop = {f"layer{i}_" for i in range(depth + 1, 5)}
