@@ -211,13 +211,58 @@ def _per_device_bytes(runs: list[JobRun], layout: fleet.Layout, shared: bool) ->
             "host_caches": float(sum(r.cache.nbytes for r in runs if r.cache is not None))}
 
 
+def device_memory_bytes() -> int:
+    """Memory of one device: the accelerator's own limit, or on CPU the host's RAM shared by
+    its devices."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram // max(1, jax.local_device_count()))
+
+
+def job_device_bytes(model: RSTPM, config: ml_collections.ConfigDict) -> int:
+    """An estimate of what one job holds on a device while it trains: its state (parameters,
+    momentum, statistics; x3 for the update's temporaries), its teachers, and its batch's
+    activations (4 x the teachers' features of the batch: the students' forward and backward)."""
+    size, batch = int(config.data.image_size), int(config.train.batch_size)
+    state, teachers = jax.eval_shape(lambda: workdir_lib.init_state(config, model))
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                              if hasattr(x, "shape"))
+    per_image = teacher_cache.feature_bytes(model, teachers, size)
+    return 3 * nbytes(state) + nbytes(teachers) + 4 * batch * per_image
+
+
+def jobs_at_once(num_jobs: int, per_job: int, devices: int, device_bytes: int, share: float = 0.8) -> int:
+    """How many of ``num_jobs`` jobs fit ``devices`` devices of ``device_bytes`` at once (at most
+    ``share`` of their memory), at least one."""
+    per_device = max(1, int(share * device_bytes) // max(1, per_job))
+    return max(1, min(num_jobs, per_device * devices))
+
+
 def train_group(jobs: list[Job], source: Source, mesh_cfg: Any) -> dict[str, str | None]:
     """Train (or resume) every job of a group side by side; returns ``{job name: failure or None}``
-    (the students are in each job's checkpoints)."""
+    (the students are in each job's checkpoints). When the group would not fit the devices'
+    memory, its jobs train in chunks of as many as fit, one chunk after another."""
+    config = jobs[0].config
+    model = workdir_lib.create_model(config)
+    per_job = job_device_bytes(model, config)
+    fit = jobs_at_once(len(jobs), per_job, jax.device_count(), device_memory_bytes())
+    if fit < len(jobs):
+        logging.warning("%d jobs need ~%.2f GB each per device: %d fit at once (%.1f GB per device); "
+                        "training them in %d chunks.", len(jobs), per_job / 2**30, fit,
+                        device_memory_bytes() / 2**30, -(-len(jobs) // fit))
+        failures: dict[str, str | None] = {}
+        for start in range(0, len(jobs), fit):
+            failures.update(_train_group(jobs[start:start + fit], source, mesh_cfg, model))
+        return failures
+    return _train_group(jobs, source, mesh_cfg, model)
+
+
+def _train_group(jobs: list[Job], source: Source, mesh_cfg: Any, model: RSTPM) -> dict[str, str | None]:
     config = jobs[0].config
     batch = int(config.train.batch_size)
     layout = fleet.make_layout(len(jobs), batch, mesh_cfg)
-    model = workdir_lib.create_model(config)
     runs = [restore_or_init(job, model, source, layout.mesh) for job in jobs]
     try:
         if any(r.start_epoch < r.epochs for r in runs):

@@ -89,3 +89,37 @@ def test_a_group_on_a_model_x_data_mesh_trains_as_each_job_alone(data, jax_cache
         assert r["moved"] > 1e-4 and r["dtype"] == "float64", (name, r)
         assert r["update_rel"] < 1e-5, (name, r)
         assert r["batch_stats_abs"] < 1e-5, (name, r)
+
+
+def test_jobs_at_once_follows_device_memory():
+    from rstpm_jax import train
+    gb = 2**30
+    assert train.jobs_at_once(15, 1 * gb, 8, 80 * gb) == 15  # all fit
+    assert train.jobs_at_once(15, 10 * gb, 1, 16 * gb) == 1  # never fewer than one
+    assert train.jobs_at_once(15, 2 * gb, 2, 10 * gb) == 8  # 4 per device x 2 devices
+
+
+def test_a_group_too_big_for_memory_trains_in_chunks(data, tmp_path, monkeypatch, caplog):
+    """When the jobs' estimated memory exceeds the devices', they train a chunk at a time
+    (logged), and every job still trains."""
+    import logging as std_logging
+
+    from configs import stpm
+    from rstpm_jax import jobs, train, workdir
+    from rstpm_jax.data import sources
+
+    cfg = stpm.get_config()
+    cfg.data.root, cfg.data.categories, cfg.data.image_size = data, "button,mesh", 32
+    cfg.model.random_teachers, cfg.train.batch_size, cfg.train.epochs = True, 8, 1
+    cfg.train.select_epoch, cfg.eval.figures = "last", False
+    source, cats = sources.prepare(cfg, str(tmp_path))
+    planned = jobs.plan(cfg, str(tmp_path), cats)
+    workdir.save_config(str(tmp_path), cfg)
+    per_job = train.job_device_bytes(workdir.create_model(cfg), cfg)
+    monkeypatch.setattr(train, "device_memory_bytes", lambda: int(per_job * 1.5))  # one job fits
+    with caplog.at_level(std_logging.WARNING):
+        failures = train.train_group(planned, source, cfg.mesh)
+    assert failures == {"button": None, "mesh": None}
+    assert "training them in 2 chunks" in caplog.text
+    for c in ("button", "mesh"):
+        assert os.listdir(os.path.join(str(tmp_path), c, "checkpoints"))
