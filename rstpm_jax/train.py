@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
 from rstpm_jax import checkpoints, fleet, guards, losses, sharding, teacher_cache
 from rstpm_jax import workdir as workdir_lib
@@ -71,34 +72,58 @@ def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feat
     return state, metrics
 
 
+STACKS = ("auto", "map", "vmap")
+
+
+def stack_mode(mode: str = "auto") -> str:
+    """How a device runs its slots: ``vmap`` (one batched program; accelerators) or ``map`` (one
+    slot after another; on CPU, where batched convolutions over stacked weights are slower)."""
+    if mode not in STACKS:
+        raise ValueError(f"config.mesh.stack must be one of {STACKS}, got {mode!r}.")
+    if mode == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return mode
+
+
 def group_step(states: TrainState, teacher_vars: Any, images: Array, valid: Array, active: Array,
-               teacher_feats: Any = None, *, model: RSTPM, loss_fn: Callable,
-               shared_teachers: bool) -> tuple[TrainState, dict[str, Array]]:
-    """``train_step`` of every slot at once (vmapped over the leading axis); a slot that is not
-    ``active``, or whose step is not finite, keeps its state."""
+               teacher_feats: Any = None, *, model: RSTPM, loss_fn: Callable, shared_teachers: bool,
+               stack: str = "vmap") -> tuple[TrainState, dict[str, Array]]:
+    """``train_step`` of every slot (the leading axis), vmapped or mapped (``stack``); a slot
+    that is not ``active``, or whose step is not finite, keeps its state."""
     def one(state, tv, x, v, a, feats):
-        new, metrics = train_step(state, tv, x, feats, v, model=model, loss_fn=loss_fn)
+        new, metrics = train_step(state, teacher_vars if shared_teachers else tv, x, feats, v,
+                                  model=model, loss_fn=loss_fn)
         keep = a & (metrics["finite"] > 0)
         new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state)
         return new, metrics
 
-    axes = (0, None if shared_teachers else 0, 0, 0, 0, None if teacher_feats is None else 0)
-    return jax.vmap(one, in_axes=axes)(states, teacher_vars, images, valid, active, teacher_feats)
+    tv = None if shared_teachers else teacher_vars
+    if stack == "map":
+        return jax.lax.map(lambda args: one(*args), (states, tv, images, valid, active, teacher_feats))
+    return jax.vmap(one)(states, tv, images, valid, active, teacher_feats)
 
 
 @functools.lru_cache(maxsize=8)
 def compile_group_step(model: RSTPM, loss_fn: Bound, mesh: jax.sharding.Mesh, cached: bool,
-                       shared_teachers: bool) -> Callable:
-    """:func:`group_step` jitted over a ``(model, data)`` mesh: slots over ``model``, each
-    slot's examples over ``data``; states donated; metrics replicated.
+                       shared_teachers: bool, stack: str = "auto") -> Callable:
+    """:func:`group_step` jitted over a ``(model, data)`` mesh: slots over ``model`` (each
+    device runs its own slots: ``shard_map`` manual over ``model``), each slot's examples over
+    ``data`` (automatic: XLA inserts the BatchNorm and gradient sums); states donated; metrics
+    replicated. Manual over ``model``, XLA never partitions a stacked (grouped) convolution
+    across devices, which its SPMD partitioner gets wrong.
 
     Arguments ``(states, teachers, images, valid, active[, teacher_feats])``. Memoised (the
     model and the bound loss compare by value): every group of one architecture shares it."""
     slots, batch = sharding.job_sharding(mesh), sharding.job_batch_sharding(mesh)
     teachers = sharding.replicated(mesh) if shared_teachers else slots
-    step = functools.partial(group_step, model=model, loss_fn=loss_fn, shared_teachers=shared_teachers)
+    step = functools.partial(group_step, model=model, loss_fn=loss_fn, shared_teachers=shared_teachers,
+                             stack=stack_mode(stack))
+    m = P(sharding.MODEL_AXIS)
+    specs = (m, P() if shared_teachers else m, m, m, m) + ((m,) if cached else ())
+    local = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(m, m),
+                          axis_names={sharding.MODEL_AXIS}, check_vma=False)
     ins = (slots, teachers, batch, batch, slots) + ((batch,) if cached else ())
-    return compile_options.jit(step, in_shardings=ins, out_shardings=(slots, sharding.replicated(mesh)),
+    return compile_options.jit(local, in_shardings=ins, out_shardings=(slots, sharding.replicated(mesh)),
                                donate_argnums=(0,))
 
 
@@ -302,7 +327,7 @@ def _train(runs: list[JobRun], model: RSTPM, source: Source, layout: fleet.Layou
     teachers = (sharding.replicate(runs[0].teacher_host, layout.mesh) if shared else
                 fleet.put_slots(fleet.stack([r.teacher_host for r in runs + pad]), layout))
     step_fn = compile_group_step(model, losses.from_config(config.loss, config.maps), layout.mesh,
-                                 cached, shared)
+                                 cached, shared, str(config.mesh.get("stack", "auto")))
     local = layout.local_rows()
     first = min(r.start_epoch for r in runs)
     last = max(r.epochs for r in runs)
@@ -393,7 +418,7 @@ def _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
         if ends:
             t = time.time()
             values = _log(runs, ends, pending, epoch, i, t - t_start, batch)
-            bar.set_postfix_str(_postfix(values, batch, t - t_start), refresh=False)
+            bar.set_postfix_str(_postfix(runs, values), refresh=False)
             t_start = t
     return states
 
@@ -424,9 +449,13 @@ def _log(runs: list[JobRun], slots: list[int], pending: dict, epoch: int, i: int
     return out
 
 
-def _postfix(values: dict[int, dict[str, float]], batch: int, seconds: float) -> str:
-    losses_ = " ".join(f"{s}:{v['loss']:.4f}" for s, v in sorted(values.items())[:8])
-    return f"epoch {max(v['epoch'] for v in values.values()):.0f} loss[{losses_}]"
+def _postfix(runs: list[JobRun], values: dict[int, dict[str, float]]) -> str:
+    """``epoch E, N img/s, loss job=... job=...`` (images/s summed over the jobs just logged)."""
+    shown = sorted(values.items())
+    losses_ = " ".join(f"{runs[s].job.name}={v['loss']:.4f}" for s, v in shown[:6])
+    more = f" (+{len(shown) - 6})" if len(shown) > 6 else ""
+    rate = sum(v["images_per_s"] for v in values.values())
+    return f"epoch {max(v['epoch'] for v in values.values()):.0f}, {rate:.1f} img/s, loss {losses_}{more}"
 
 
 def _save(runs: list[JobRun], epoch: int, states: Any, layout: fleet.Layout, force: bool = False) -> None:

@@ -511,6 +511,8 @@ def test_check_categories_decodes_every_category_before_training(root, tmp_path)
                                         "seed": 0, "mode": "train"})
     sources.check_categories(source, ["button", "mesh"], config)
     config.train.batch_size = 30  # 29 training images each after the holdout
+    sources.check_categories(source, ["button", "mesh"], config)  # one padded batch (drop_last=False)
+    config.train.drop_last = True  # no batch at all
     with pytest.raises(ValueError, match="button: 29 training images .* config.train.batch_size=30"):
         sources.check_categories(source, ["button", "mesh"], config)
     bad = data / "mesh" / "test" / "good" / "001.png"

@@ -91,8 +91,10 @@ def check_categories(source: Source, categories: Sequence[str],
             train, _ = input_pipeline.split_train_holdout(files.train, holdout, int(config.seed))
         except ValueError as e:
             raise ValueError(f"{category}: {e}") from e
-        if config.mode == "train" and len(train) < gbs:
+        # With train.drop_last=False (the default) a small split is one padded batch.
+        if config.mode == "train" and len(train) < gbs and config.train.get("drop_last", False):
             raise ValueError(f"{category}: {len(train)} training images (after holding out "
-                             f"data.holdout_fraction={holdout}) is fewer than config.train.batch_size={gbs}; "
-                             "lower the batch size or add images to train/good.")
+                             f"data.holdout_fraction={holdout}) is fewer than config.train.batch_size={gbs} "
+                             "with train.drop_last=True; lower the batch size, add images to train/good or "
+                             "set train.drop_last=False.")
     logging.info("Checked %d files of %d categories in %.1f s.", n, len(categories), time.time() - t0)
