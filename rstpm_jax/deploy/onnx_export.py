@@ -6,7 +6,9 @@ The graph maps ``images: float32[batch, H, W, 3]`` (NHWC, normalised; ``batch`` 
 ``map: float32[batch, H, W]`` and ``score: float32[batch]``, with every weight inside the file.
 Thresholds, normalisation and preprocessing belong in the JSON sidecar, not in the graph.
 
-The converter is ``jax2onnx`` (0.17). It traces ``fn`` with a symbolic batch and lowers each
+The converter is ``jax2onnx`` (0.17.1; it declares ``orbax-checkpoint<0.11.37``, which this
+project's ``>=0.12.8`` rules out, so pip cannot resolve both: install it with ``--no-deps`` plus
+what it imports: ``onnx``, ``onnx-ir``, ``equinox``, ``dm-pix``; orbax it never imports). It traces ``fn`` with a symbolic batch and lowers each
 primitive; a few of the model's ops do not survive that as written, so while tracing
 (:func:`onnx_friendly_ops`) they are swapped for numerically identical forms that do:
 
