@@ -54,6 +54,14 @@ def bf16_capable() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def _map_of(model: Callable[[np.ndarray], dict]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: model(x)["map"]
+
+
+def _nchw_request(model: Any) -> Callable[[np.ndarray], Any]:
+    return lambda x: model.request.infer({"images": x.transpose(0, 3, 1, 2).copy()})
+
+
 def _rel(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - ref)) / np.max(np.abs(ref)))
 
@@ -134,13 +142,13 @@ def run(config_path: str, image_size: int, batch_sizes: list[int], steps: int, w
     runners: dict[str, Callable[[np.ndarray], Any]] = {
         "jax": lambda x: jax.block_until_ready(infer(tv, sv, x))["map"]}
     try:
-        runners["onnxruntime"] = (lambda m: lambda x: m(x)["map"])(ox.OnnxRuntimeModel(onnx_path))
+        runners["onnxruntime"] = _map_of(ox.OnnxRuntimeModel(onnx_path))
     except ImportError:
         log("onnxruntime not installed")
     try:
-        runners["openvino f32"] = (lambda m: lambda x: m(x)["map"])(ox.OpenVINOModel(onnx_path, "f32"))
+        runners["openvino f32"] = _map_of(ox.OpenVINOModel(onnx_path, "f32"))
         if bf16_capable():
-            runners["openvino bf16"] = (lambda m: lambda x: m(x)["map"])(
+            runners["openvino bf16"] = _map_of(
                 ox.OpenVINOModel(onnx_path, "bf16"))
         try:
             calib = rng.standard_normal((calib_images, image_size, image_size, 3)).astype(np.float32)
@@ -148,7 +156,7 @@ def run(config_path: str, image_size: int, batch_sizes: list[int], steps: int, w
             ir = openvino_int8(onnx_path, calib, os.path.join(tmp, "model_int8.xml"))
             rec["int8_quantize_s"] = time.perf_counter() - t
             rec["file_mib"]["openvino_int8"] = (os.path.getsize(ir) + os.path.getsize(ir[:-4] + ".bin")) / 2**20
-            runners["openvino int8"] = (lambda m: lambda x: m(x)["map"])(ox.OpenVINOModel(ir, None))
+            runners["openvino int8"] = _map_of(ox.OpenVINOModel(ir, None))
         except ImportError:
             log("nncf not installed: no int8")
     except ImportError:
@@ -172,9 +180,7 @@ def run(config_path: str, image_size: int, batch_sizes: list[int], steps: int, w
             runners["torch onnxruntime"] = lambda x: ts.run(None, {"images": x.transpose(0, 3, 1, 2).copy()})
         if "openvino f32" in runners:
             for prec in ("f32", "bf16") if bf16_capable() else ("f32",):
-                m = ox.OpenVINOModel(tpath, prec)
-                runners[f"torch openvino {prec}"] = (lambda m: lambda x: m.request.infer(
-                    {"images": x.transpose(0, 3, 1, 2).copy()}))(m)
+                runners[f"torch openvino {prec}"] = _nchw_request(ox.OpenVINOModel(tpath, prec))
 
     for b in batch_sizes:
         x = rng.standard_normal((b, image_size, image_size, 3)).astype(np.float32)
