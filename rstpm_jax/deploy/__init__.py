@@ -1,0 +1,1 @@
+"""Deployment artifacts beyond ``jax.export``: ONNX export and ONNX Runtime / OpenVINO runners."""
