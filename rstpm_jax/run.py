@@ -63,11 +63,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             rows[job.name] = {"status": "failed", "error": outcome.failed}
             artifacts.write_failure(job.directory, job.category, outcome.failed, job.config)
             continue
-        evaluation = evaluate.evaluate_category(job.config, source, job.category, outcome.model,
-                                                outcome.teacher_vars, outcome.student_vars, eval_mesh)
-        artifacts.write_category(job.directory, evaluation, job.config)
+        evaluation = evaluate.evaluate_category(
+            job.config, source, job.category, outcome.model, outcome.teacher_vars, outcome.student_vars,
+            eval_mesh, artifact_dir=artifacts.category_dir(job.workdir, job.category, job.config))
+        artifacts.write_category(job.workdir, evaluation, job.config)
         rows[job.name] = artifacts.row(evaluation)
-    artifacts.write_summary(workdir, rows)
+    artifacts.write_summary(workdir, rows, config)
     failed = [name for name, r in rows.items() if r.get("status") == "failed"]
     if failed:
         raise JobsFailedError(f"{len(failed)} of {len(rows)} job(s) failed ({', '.join(failed)}); the others' "

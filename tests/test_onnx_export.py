@@ -1,8 +1,8 @@
-"""ONNX export (rstpm_jax.deploy.onnx_export): the swapped ops equal the model's own, and the
-exported graph run by ONNX Runtime (and OpenVINO, when installed) gives JAX's maps and scores.
+"""ONNX export (rstpm_jax.deploy.onnx_export): the export-time forms equal the model's own ops,
+and the exported graph run by ONNX Runtime and OpenVINO gives JAX's maps and scores.
 
-The JAX reference is the model as ``predict`` runs it (``train.create_model``: the project's
-CPU convolution, pool and BatchNorm ops, ``jax.image.resize``), not the export-time forms.
+The JAX reference is the model as ``predict`` runs it (``build_model``: the project's CPU
+convolution, pool and BatchNorm layers, ``jax.image.resize``), not the export-time forms.
 """
 
 from __future__ import annotations
@@ -76,25 +76,52 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("name,sigma", [("stpm", 0.0), ("demo", 2.0)])
-def test_onnx_round_trip_equals_jax(tmp_path, get_config, name, sigma):
+def test_export_model_has_the_trained_models_variables(get_config):
+    import flax.linen as nn
+
+    from rstpm_jax.models.rstpm import build_model
+
+    cfg = get_config("rstpm_r18_r18").model
+    cfg.dtype = "bfloat16"
+    exported, trained = ox.export_model(cfg), build_model(cfg)
+    assert exported.students.norm is nn.BatchNorm and exported.teachers.pool is ox.max_pool_padded
+    assert exported.students.dtype == jnp.float32  # ONNX Runtime's CPU convs have no bfloat16
+    shapes = lambda m: jax.tree_util.tree_map(jnp.shape, jax.eval_shape(  # noqa: E731
+        lambda k: m.init(k, (1, 32, 32, 3)), jax.random.key(0)))
+    assert shapes(exported) == shapes(trained)
+
+
+def _geometric_mean(maps, eps=1e-12):
+    """A fusion rule in plain jnp (not one of the package's): exp(mean log) over every map."""
+    flat = [m for levels in maps.values() for m in levels.values()]
+    return jnp.exp(sum(jnp.log(m + eps) for m in flat) / len(flat))
+
+
+@pytest.mark.parametrize("name,fusion,sigma", [("rstpm_r18_r18", "test_geometric_mean", 2.0)])
+def test_onnx_round_trip_equals_jax(tmp_path, get_config, name, fusion, sigma):
+    """Both students, gates, transposed convs, smoothing and a user-registered fusion rule."""
     pytest.importorskip("jax2onnx")
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from rstpm_jax import train
+    from rstpm_jax.anomaly_maps import FUSIONS, MapSpec, register_fusion
+    from rstpm_jax.deploy import runtime
     from rstpm_jax.inference import make_infer_fn
     from rstpm_jax.models.rstpm import build_model
 
+    if fusion not in FUSIONS:
+        register_fusion(fusion)(_geometric_mean)
     size = 32
     config = get_config(name)
     config.model.random_teachers = True
+    config.maps.fusion = fusion
     config.maps.smoothing_sigma = sigma
     rng = np.random.default_rng(0)
-    model = train.create_model(config)  # the project's own CPU ops: the reference
+    model = build_model(config.model)  # the project's own CPU layers: the reference
     tv, sv = jax.jit(lambda k: model.init(k, (1, size, size, 3)))(jax.random.key(0))
     tv, sv = _perturbed(tv, rng), _perturbed(sv, rng)
+    spec = MapSpec.from_config(config.maps)
     path = str(tmp_path / "model.onnx")
-    ox.export_model(build_model(config.model), tv, sv, config.maps, (size, size), path)
+    ox.export_trained(config.model, spec, tv, sv, (size, size), path)
 
     graph = onnx.load(path)
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
@@ -104,19 +131,18 @@ def test_onnx_round_trip_equals_jax(tmp_path, get_config, name, sigma):
     assert {n.domain for n in graph.graph.node} == {""}  # standard ONNX operators only
     ops = [n.op_type for n in graph.graph.node]
     assert "BatchNormalization" not in ops and "Pad" not in ops  # folded into Conv / MaxPool
+    assert "ConvTranspose" in ops and "Log" in ops and "Exp" in ops  # the decoder; the user's rule
     producer = {o: n for n in graph.graph.node for o in n.output}
     for conv in (n for n in graph.graph.node if n.op_type in ("Conv", "ConvTranspose")):
         src = producer.get(conv.input[0])  # NCHW from the input's transpose on: none in between
         assert src is None or src.op_type != "Transpose" or src.input[0] == "images"
 
-    infer = jax.jit(make_infer_fn(model, config.maps, with_levels=False))
+    infer = jax.jit(make_infer_fn(model, spec, with_levels=False))
     x = rng.standard_normal((3, size, size, 3)).astype(np.float32)
     want = jax.device_get(infer(tv, sv, x))
-    runners = {"onnxruntime": ox.OnnxRuntimeModel(path)}
-    try:
-        runners["openvino"] = ox.OpenVINOModel(path, "f32")
-    except ImportError:
-        pass
+    runners = {"onnxruntime": runtime.OnnxRuntimeModel(path, {})}
+    if runtime.installed("openvino"):
+        runners["openvino"] = runtime.OpenVINOModel(path, "f32", {})
     for backend, run in runners.items():
         for batch in (x, x[:1]):  # dynamic batch
             got = run(batch)

@@ -1,52 +1,63 @@
 """The whole inference function (teachers, students, maps, fusion, score) as one ONNX graph.
 
-    model = onnx_export.export_onnx(fn, (H, W), "model.onnx")   # fn(images) -> {"map", "score"}
+    proto = onnx_export.export_trained(config.model, MapSpec.from_config(config.maps),
+                                       teacher_vars, student_vars, (H, W), "model.onnx")
 
 The graph maps ``images: float32[batch, H, W, 3]`` (NHWC, normalised; ``batch`` dynamic) to
 ``map: float32[batch, H, W]`` and ``score: float32[batch]``, with every weight inside the file.
 Thresholds, normalisation and preprocessing belong in the JSON sidecar, not in the graph.
 
 The converter is ``jax2onnx`` (0.17.1; it declares ``orbax-checkpoint<0.11.37``, which this
-project's ``>=0.12.8`` rules out, so pip cannot resolve both: install it with ``--no-deps`` plus
-what it imports: ``onnx``, ``onnx-ir``, ``equinox``, ``dm-pix``; orbax it never imports). It traces ``fn`` with a symbolic batch and lowers each
-primitive; a few of the model's ops do not survive that as written, so while tracing
-(:func:`onnx_friendly_ops`) they are swapped for numerically identical forms that do:
+project's ``>=0.12.8`` rules out, so pip cannot resolve both: install it with ``--no-deps``
+after the ``export`` extra, which holds what it imports). It traces the function with a
+symbolic batch and lowers each primitive. A few of the model's ops do not survive that as
+written, so the export builds the model differently (:func:`export_model`: flax's own
+layers, with these as the modules' layer fields) and makes its maps with numerically equal
+forms (:func:`export_spec`), the function itself being the project's ``make_infer_fn``:
 
-* ``jax.image.resize`` (the maps' bilinear upsampling): jax2onnx's resize plugin needs a
-  static batch. Resize here is two matmuls with fixed interpolation matrices
-  (:func:`bilinear_matrix`: half-pixel centres, no antialias, exactly jax's weights).
-* ``lax.reduce_window(max)`` (``ops.pool.max_pool``; its custom_vjp traces fine): lowered to a
-  rank-6 ``MaxPool`` (window over all four axes) that ONNX Runtime refuses ("Unsupported
-  pooling size"). Here: an explicit ``-inf`` pad, then ``flax.linen.max_pool(padding="VALID")``,
-  which jax2onnx lowers to NCHW ``MaxPool``. (Its flax plugin takes keyword arguments only and
-  silently reads explicit padding pairs as ``VALID``: wrong output size, so the pad must be
-  explicit; :func:`fold_pad_into_max_pool` moves it back into MaxPool's ``pads``.)
-* the project's BatchNorm (``models.resnet.BatchNorm``, a plain normalize in eval mode): traced
-  as Sub/Mul/Add chains with constant broadcasts. ``flax.linen.BatchNorm`` (same variables)
-  is lowered to ONNX ``BatchNormalization``, which ONNX Runtime and OpenVINO fold into the conv.
-* the decoder's transposed convs (``nn.Conv`` with ``input_dilation``): jax2onnx's ``nn.Conv``
-  plugin hands those back to flax, whose ``__call__`` then fails under jax2onnx's patched
-  ``jnp.shape`` (a traced channel count). Here a module with the same ``kernel`` variable that
-  calls ``lax.conv_general_dilated(lhs_dilation=...)`` itself, lowered to ``ConvTranspose``.
+* ``norm``: the project's BatchNorm (``models.layers.BatchNorm``, a plain normalize in eval
+  mode) traces as Sub/Mul/Add chains with constant broadcasts; ``flax.linen.BatchNorm``
+  (same variables, epsilon) is lowered to ONNX ``BatchNormalization``, which is then folded
+  into the convolutions.
+* ``pool``: ``lax.reduce_window(max)`` is lowered to a rank-6 ``MaxPool`` (window over all
+  four axes) that ONNX Runtime refuses ("Unsupported pooling size"); and jax2onnx's
+  ``nn.max_pool`` plugin takes keyword arguments only and silently reads explicit padding
+  pairs as ``VALID`` (wrong output size). :func:`max_pool_padded`: an explicit ``-inf`` pad,
+  then ``nn.max_pool(padding="VALID")`` by keyword, lowered to NCHW ``MaxPool``;
+  :func:`fold_pad_into_max_pool` moves the pad back into MaxPool's ``pads``.
+* the maps' bilinear ``jax.image.resize``: jax2onnx's resize plugin needs a static batch.
+  :func:`resize_matmul`: two matmuls with fixed interpolation matrices (half-pixel centres,
+  no antialias: exactly jax's weights).
 * the Gaussian smoothing (``maps.smoothing_sigma > 0``): ``jnp.convolve`` under ``vmap`` with a
   reflect pad converts, but as ~150 nodes of shape arithmetic and a kernel computed at run
-  time; here a fixed (H, H) band matrix that includes the reflection, applied per axis.
+  time; :func:`gaussian_smooth_matmul`: a fixed (H, H) band matrix that includes the
+  reflection, applied per axis.
 
-Then :func:`optimize_graph` (ONNX Runtime's basic level, offline) removes the NHWC<->NCHW
+The distance and the fusion rule are the registered functions themselves: any rule written
+in plain ``jnp`` exports. flax's ``nn.Conv`` and ``nn.ConvTranspose`` convert as they are.
+jax2onnx 0.17 leaves stale NHWC shapes in ``value_info`` on tensors it moved to NCHW (ONNX
+Runtime then rejects an ``Add`` of the decoder); they are dropped and inferred again. Then
+:func:`optimize_graph` (ONNX Runtime's basic level, offline) removes the NHWC<->NCHW
 transposes jax2onnx puts around every conv and folds BatchNorm into the convs, so OpenVINO
 (which keeps such transposes) gets the same plain NCHW graph a PyTorch export would give.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from rstpm_jax.anomaly_maps import MapSpec
+from rstpm_jax.inference import make_infer_fn
+from rstpm_jax.models.rstpm import RSTPM, build_model
 
 Array = jax.Array
 INPUT_NAME = "images"
@@ -103,62 +114,22 @@ def max_pool_padded(x: Array, window: Sequence[int] = (3, 3), strides: Sequence[
                        strides=tuple(int(s) for s in strides), padding="VALID")
 
 
-class InputDilatedConv(nn.Module):
-    """``models.resnet.conv_transpose_layer``'s conv (same ``kernel`` variable) as a direct
-    ``lax.conv_general_dilated`` with ``lhs_dilation``, which jax2onnx lowers to ``ConvTranspose``."""
-
-    features: int
-    kernel: int
-    stride: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        from rstpm_jax.models.resnet import conv_init  # noqa: PLC0415
-
-        k, s = self.kernel, self.stride
-        total = k + s - 2  # as resnet.conv_transpose_layer
-        before = k - 1 if s > k - 1 else -(-total // 2)
-        pad = (before, total - before)
-        w = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
-        return jax.lax.conv_general_dilated(
-            x.astype(self.dtype), w.astype(self.dtype), (1, 1), (pad, pad), lhs_dilation=(s, s),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def export_model(model_cfg: Any) -> RSTPM:
+    """The model of ``model_cfg`` as the export traces it: flax's own layers in float32 (ONNX
+    Runtime's CPU convolutions have no bfloat16: ask OpenVINO for bf16 at load time instead),
+    with ``flax.linen.BatchNorm`` as ``norm`` and :func:`max_pool_padded` as ``pool``. Same
+    variables as the trained model."""
+    cfg = ml_collections.ConfigDict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))
+    cfg.dtype = "float32"
+    base = build_model(cfg, fast_cpu_ops=False)
+    layers = {"norm": nn.BatchNorm, "pool": max_pool_padded}
+    return RSTPM(base.teachers.clone(**layers), base.students.clone(**layers))
 
 
-def conv_transpose_layer(features: int, kernel: int, stride: int, *, dtype: Any = jnp.float32,
-                         conv_fn: Callable | None = None, name: str | None = None) -> nn.Module:
-    """Drop-in for ``models.resnet.conv_transpose_layer`` while exporting (``conv_fn`` ignored)."""
-    del conv_fn
-    return InputDilatedConv(features, kernel, stride, dtype, name=name)
-
-
-@contextlib.contextmanager
-def onnx_friendly_ops() -> Iterator[None]:
-    """While active, the model and the map code trace through the ONNX-convertible forms above.
-
-    Swaps module attributes (``anomaly_maps.resize``/``gaussian_smooth``, ``ops.pool.max_pool``,
-    ``models.resnet.BatchNorm``, ``conv_transpose_layer``), looked up when the modules run, so
-    trace inside it; restored on exit.
-    """
-    from rstpm_jax import anomaly_maps  # noqa: PLC0415
-    from rstpm_jax.models import resnet, students  # noqa: PLC0415
-    from rstpm_jax.ops import pool  # noqa: PLC0415
-
-    swaps = [(anomaly_maps, "resize", resize_matmul),
-             (anomaly_maps, "gaussian_smooth", gaussian_smooth_matmul),
-             (pool, "max_pool", max_pool_padded),
-             (resnet, "BatchNorm", nn.BatchNorm),
-             (resnet, "conv_transpose_layer", conv_transpose_layer),
-             (students, "conv_transpose_layer", conv_transpose_layer)]
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in swaps]
-    try:
-        for mod, name, new in swaps:
-            setattr(mod, name, new)
-        yield
-    finally:
-        for mod, name, old in saved:
-            setattr(mod, name, old)
+def export_spec(spec: MapSpec) -> MapSpec:
+    """``spec`` with the ONNX-convertible resize and smoothing (:func:`resize_matmul`,
+    :func:`gaussian_smooth_matmul`); the distance and fusion rule unchanged."""
+    return dataclasses.replace(spec, resize=resize_matmul, smooth=gaussian_smooth_matmul)
 
 
 def optimize_graph(model: Any) -> Any:
@@ -256,10 +227,9 @@ def export_onnx(fn: Callable[[Array], dict[str, Any]], image_size: tuple[int, in
     """Convert ``fn(images) -> {"map", "score", ...}`` (weights closed over) to one ONNX graph.
 
     Input ``images: float32[batch, H, W, 3]``, outputs ``map: float32[batch, H, W]`` and
-    ``score: float32[batch]`` (other entries of ``fn``'s dict are dropped). Traced inside
-    :func:`onnx_friendly_ops`; with ``optimize``, then :func:`optimize_graph` (plain NCHW convs
-    with folded BatchNorm). Written to ``path`` (weights inside the file) when given; returns
-    the ``onnx.ModelProto``.
+    ``score: float32[batch]`` (other entries of ``fn``'s dict are dropped). With ``optimize``,
+    then :func:`optimize_graph` (plain NCHW convs with folded BatchNorm). Written to ``path``
+    (weights inside the file) when given; returns the ``onnx.ModelProto``.
     """
     import jax2onnx  # noqa: PLC0415
     import onnx  # noqa: PLC0415
@@ -270,10 +240,8 @@ def export_onnx(fn: Callable[[Array], dict[str, Any]], image_size: tuple[int, in
         out = fn(images)
         return out["map"].astype(jnp.float32), out["score"].astype(jnp.float32)
 
-    with onnx_friendly_ops():
-        model = jax2onnx.to_onnx(graph_fn, [("batch", h, w, 3)], model_name=model_name,
-                                 opset=opset, input_names=[INPUT_NAME],
-                                 output_names=list(OUTPUT_NAMES))
+    model = jax2onnx.to_onnx(graph_fn, [("batch", h, w, 3)], model_name=model_name,
+                             opset=opset, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
     # jax2onnx 0.17 leaves stale NHWC shapes in value_info on tensors it moved to NCHW (ONNX
     # Runtime warns "Error merging shape info"); drop them and let ONNX infer them again.
     del model.graph.value_info[:]
@@ -287,63 +255,12 @@ def export_onnx(fn: Callable[[Array], dict[str, Any]], image_size: tuple[int, in
     return model
 
 
-def export_model(model: Any, teacher_vars: Any, student_vars: Any, maps_cfg: Any,
-                 image_size: tuple[int, int], path: str | None = None,
-                 opset: int = DEFAULT_OPSET, optimize: bool = True) -> Any:
-    """:func:`export_onnx` of ``make_infer_fn(model, maps_cfg)`` with the variables as constants.
-
-    ``model`` should be built with ``conv_fn=None`` (XLA's own convolutions, which jax2onnx
-    lowers to ONNX ``Conv``) and ``model.dtype="float32"`` (ONNX Runtime's CPU convs have no
-    bfloat16; ask OpenVINO for bf16 at load time instead).
-    """
-    from rstpm_jax.inference import make_infer_fn  # noqa: PLC0415
-
+def export_trained(model_cfg: Any, spec: MapSpec, teacher_vars: Any, student_vars: Any,
+                   image_size: tuple[int, int], path: str | None = None, opset: int = DEFAULT_OPSET,
+                   optimize: bool = True) -> Any:
+    """:func:`export_onnx` of ``make_infer_fn`` over :func:`export_model` and
+    :func:`export_spec`, the variables (the trained model's) closed over as constants."""
     teacher_vars, student_vars = jax.device_get((teacher_vars, student_vars))
-    infer = make_infer_fn(model, maps_cfg, with_levels=False)
+    infer = make_infer_fn(export_model(model_cfg), export_spec(spec), with_levels=False)
     return export_onnx(lambda images: infer(teacher_vars, student_vars, images), image_size, path,
                        opset, optimize=optimize)
-
-
-class OnnxRuntimeModel:
-    """``model(images) -> {"map", "score"}`` (NumPy) through ONNX Runtime's CPU provider."""
-
-    def __init__(self, path: str, threads: int = 0, optimized_path: str | None = None):
-        import onnxruntime as ort  # noqa: PLC0415
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-        if optimized_path:
-            so.optimized_model_filepath = optimized_path
-        self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-    def __call__(self, images: Any) -> dict[str, np.ndarray]:
-        m, s = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.asarray(images, np.float32)})
-        return {"map": m, "score": s}
-
-
-class OpenVINOModel:
-    """``model(images) -> {"map", "score"}`` (NumPy) through OpenVINO on the CPU.
-
-    ``precision``: ``"f32"``, ``"bf16"`` (OpenVINO's inference precision hint; needs AVX512-BF16
-    or AMX to run in bfloat16) or ``None`` (OpenVINO's default for the CPU).
-    """
-
-    def __init__(self, path: str, precision: str | None = "f32", threads: int = 0,
-                 hint: str = "LATENCY"):
-        import openvino as ov  # noqa: PLC0415
-
-        cfg: dict[str, Any] = {"PERFORMANCE_HINT": hint}
-        if precision:
-            cfg["INFERENCE_PRECISION_HINT"] = precision
-        if threads:
-            cfg["INFERENCE_NUM_THREADS"] = threads
-        core = ov.Core()
-        self.compiled = core.compile_model(path, "CPU", cfg)  # .onnx, or OpenVINO IR (.xml)
-        self.request = self.compiled.create_infer_request()
-        self._outs = {o.get_any_name(): o for o in self.compiled.outputs}
-
-    def __call__(self, images: Any) -> dict[str, np.ndarray]:
-        res = self.request.infer({INPUT_NAME: np.asarray(images, np.float32)})
-        return {k: np.array(res[self._outs[k]]) for k in OUTPUT_NAMES}
