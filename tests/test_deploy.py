@@ -96,6 +96,7 @@ def test_sidecars_and_graph(artifacts):
     assert {"onnx", "onnxruntime", "jax2onnx", "openvino", "nncf"} <= set(onnx_meta["versions"])
     assert onnx_meta["precisions"]["openvino"] == ["f32", "bf16", "int8"]
     assert onnx_meta["int8"]["scope"].startswith("convolutions only") and onnx_meta["int8"]["quantised_ops"] > 0
+    assert onnx_meta["int8"]["float_stems"] == 2  # the teacher's and the student's first conv
     folder = os.path.dirname(artifacts["onnx"])
     assert os.path.isfile(os.path.join(folder, onnx_meta["files"]["openvino_int8"]))
     graph = onnx.load(artifacts["onnx"])

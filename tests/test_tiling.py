@@ -178,3 +178,20 @@ def test_tf_eval_tiles_stitch_back_to_the_images_and_masks(synthetic_root, hosts
         want = mvtec.read_mask(it.mask_path, (64, 64)) if it.mask_path else np.zeros((64, 64))
         np.testing.assert_array_equal(out["mask"], want)
         assert label == it.label
+
+
+def test_tiles_from_prepared_tfds_data_equal_the_files(synthetic_root, tmp_path):
+    from rstpm_jax.data import input_pipeline as ip
+    from rstpm_jax.data import tfds_mvtec
+
+    root, spec, data_dir = synthetic_root, TileSpec(32, 16), str(tmp_path / "tfds")
+    tfds_mvtec.prepare(root, "fabric", data_dir)
+    for fn, kw in ((ip.eval_dataset, dict(global_batch_size=8)),
+                   (ip.train_dataset, dict(global_batch_size=8, seed=0, epoch=0, holdout_fraction=0.25))):
+        via_tfds = list(fn(root, "fabric", image_size=64, tiling=spec, data_dir=data_dir, **kw))
+        direct = list(fn(root, "fabric", image_size=64, tiling=spec, **kw))
+        assert len(via_tfds) == len(direct) > 0
+        for a, b in zip(via_tfds, direct):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -201,6 +202,9 @@ class OpenVINOModel(Artifact):
         if precision not in SUPPORTED["openvino"]:
             raise ValueError(f"OpenVINO precision must be one of {SUPPORTED['openvino']}, got {precision!r}.")
         self.precision = precision
+        if precision == "bf16" and not bf16_capable():
+            warnings.warn("This CPU has no native bfloat16 (AVX512-BF16 or AMX): OpenVINO's bf16 hint "
+                          "may run in float32 or emulated, slower; f32 or int8 suit it better.", stacklevel=2)
         cfg: dict[str, Any] = {"PERFORMANCE_HINT": hint,
                                "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         if threads:
