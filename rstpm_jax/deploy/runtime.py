@@ -29,8 +29,8 @@ PRECISIONS = ("f32", "bf16", "int8")
 # The precisions each backend runs.
 SUPPORTED: dict[str, tuple[str, ...]] = {"jax": ("f32", "bf16"), "onnxruntime": ("f32",),
                                          "openvino": ("f32", "bf16", "int8")}
-# Fastest first, per precision, as benchmarks/deploy.py measured this project's models on its
-# x86 CPU machines (README, "Export and deployment"). ``choose_backend`` takes the first installed.
+# Fastest first, per precision: a first benchmarks/deploy.py run (64 px, a shared 2-core x86
+# machine; README). ``choose_backend`` takes the first installed. Revisit with a quiet 256 px run.
 FASTEST_FIRST: dict[str, tuple[str, ...]] = {"f32": ("onnxruntime", "openvino", "jax"),
                                              "bf16": ("openvino", "jax"), "int8": ("openvino",)}
 INPUT_NAME = "images"
