@@ -41,8 +41,9 @@ def resize(maps: Array, size: tuple[int, int]) -> Array:
     return jax.image.resize(maps, (maps.shape[0], *size), method="bilinear", antialias=False)
 
 
-def resize_levels(maps: LevelMaps, size: tuple[int, int]) -> LevelMaps:
-    return {s: {lvl: resize(m, size) for lvl, m in levels.items()} for s, levels in maps.items()}
+def resize_levels(maps: LevelMaps, size: tuple[int, int],
+                  resize_fn: Callable[[Array, tuple[int, int]], Array] = resize) -> LevelMaps:
+    return {s: {lvl: resize_fn(m, size) for lvl, m in levels.items()} for s, levels in maps.items()}
 
 
 @register_fusion("multiply")
@@ -88,11 +89,15 @@ def image_score(final_map: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class MapSpec:
-    """How maps are made: the distance, the fusion rule (both bound) and the smoothing sigma."""
+    """How maps are made: the distance, the fusion rule (both bound) and the smoothing sigma;
+    ``resize`` and ``smooth`` are the implementations of :func:`resize` and
+    :func:`gaussian_smooth` (an export may swap in numerically equal forms)."""
 
     fusion: Bound
     distance: Bound
     sigma: float = 0.0
+    resize: Callable[[Array, tuple[int, int]], Array] = resize
+    smooth: Callable[[Array, float], Array] = gaussian_smooth
 
     @classmethod
     def from_config(cls, maps_cfg: Any) -> MapSpec:
@@ -102,6 +107,6 @@ class MapSpec:
 
 def anomaly_maps(pairs: Pairs, size: tuple[int, int], spec: MapSpec) -> tuple[Array, LevelMaps]:
     """Final (B, H, W) map and the per-level maps resized to ``size``."""
-    per_level = resize_levels(level_maps(pairs, spec.distance), size)
-    final = gaussian_smooth(spec.fusion(per_level), spec.sigma)
+    per_level = resize_levels(level_maps(pairs, spec.distance), size, spec.resize)
+    final = spec.smooth(spec.fusion(per_level), spec.sigma)
     return final, per_level

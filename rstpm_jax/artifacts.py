@@ -26,11 +26,25 @@ def row(evaluation: Evaluation) -> dict[str, Any]:
             "thresholds": evaluation.thresholds, "eval_seconds": evaluation.seconds}
 
 
+def eval_subdir(config: ml_collections.ConfigDict) -> str:
+    """Where an evaluation through ``eval.backend``/``eval.precision`` writes, below the
+    category (and the summary below the workdir): ``""`` for jax/f32, else
+    ``eval_<backend>_<precision>`` (the float32 thresholds and results stay as they are)."""
+    backend, precision = str(config.eval.get("backend", "jax")), str(config.eval.get("precision", "f32"))
+    return "" if (backend, precision) == ("jax", "f32") else f"eval_{backend}_{precision}"
+
+
+def category_dir(workdir: str, category: str, config: ml_collections.ConfigDict) -> str:
+    """``WORKDIR/<category>[/eval_<backend>_<precision>]``: where its evaluation is written."""
+    return os.path.join(workdir, category, eval_subdir(config))
+
+
 def write_category(workdir: str, evaluation: Evaluation, config: ml_collections.ConfigDict) -> None:
-    """``WORKDIR/<category>/``: thresholds.json, test_scores.csv, results.json and figures."""
+    """``WORKDIR/<category>/`` (or its ``eval_<backend>_<precision>/``): thresholds.json,
+    test_scores.csv, results.json and figures."""
     if jax.process_index() != 0:
         return
-    cat_dir = os.path.join(workdir, evaluation.category)
+    cat_dir = category_dir(workdir, evaluation.category, config)
     os.makedirs(cat_dir, exist_ok=True)
     _atomic_write(os.path.join(cat_dir, "thresholds.json"),
                   lambda f: json.dump(evaluation.thresholds, f, indent=2))
@@ -39,7 +53,8 @@ def write_category(workdir: str, evaluation: Evaluation, config: ml_collections.
     metrics = {**evaluation.metrics, "num_test_images": evaluation.num_test_images}
     reports.write_category_results(cat_dir, evaluation.category, metrics, config.to_dict(),
                                    {"model": str(config.name), "thresholds": evaluation.thresholds,
-                                    "eval_seconds": evaluation.seconds, "selection": evaluation.selection})
+                                    "eval_seconds": evaluation.seconds, "selection": evaluation.selection,
+                                    "deployment": evaluation.deployment})
     if config.eval.figures:
         write_figures(os.path.join(cat_dir, "figures"), evaluation)
 
@@ -60,11 +75,16 @@ def failed(error: BaseException | str) -> dict[str, Any]:
     return row
 
 
-def write_summary(workdir: str, rows: Mapping[str, Mapping[str, Any]]) -> None:
-    """``WORKDIR/results.md`` and ``results.csv`` across jobs (host 0); a row from :func:`failed`
-    is shown as failed."""
+def write_summary(workdir: str, rows: Mapping[str, Mapping[str, Any]],
+                  config: ml_collections.ConfigDict | None = None) -> None:
+    """``WORKDIR/results.md`` and ``results.csv`` across jobs (host 0; below
+    ``eval_<backend>_<precision>/`` for an evaluation through an artifact); a row from
+    :func:`failed` is shown as failed."""
     if jax.process_index() != 0 or not rows:
         return
+    if config is not None and eval_subdir(config):
+        workdir = os.path.join(workdir, eval_subdir(config))
+        os.makedirs(workdir, exist_ok=True)
     reports.write_summary(workdir, [{"category": c, **r} for c, r in rows.items()])
 
 
@@ -98,8 +118,9 @@ def write_figures(fig_dir: str, evaluation: Evaluation) -> None:
     for d, es in sorted(evaluation.examples.items()):
         e = es[0]
         image = figures.denormalize(e["image"][None])[0]
-        figures.level_maps_figure(os.path.join(fig_dir, f"levels_{d}.png"), image, e["levels"], e["map"],
-                                  e["mask"])
+        if e["levels"]:  # not from an exported artifact (map and score only)
+            figures.level_maps_figure(os.path.join(fig_dir, f"levels_{d}.png"), image, e["levels"], e["map"],
+                                      e["mask"])
         if e["attention"]:
             figures.attention_figure(os.path.join(fig_dir, f"attention_{d}.png"), image, e["attention"])
     if evaluation.metrics.get("curves"):

@@ -26,6 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Prepared TFDS data (rstpm_jax.data.tfds_mvtec) to train and evaluate from: built from
     # data.root once if absent. Empty: read the image files under data.root directly.
     config.data.tfds_dir = ""
+    # Tiling for large images (rstpm_jax.data.tiling): with tile_size > 0 (a multiple of 32) the
+    # images keep their own resolution (image_size is not used) and the model trains and
+    # evaluates on tile_size x tile_size tiles every tile_stride pixels (0: tile_size, no
+    # overlap); test maps are stitched back, overlaps averaged. 0 = off.
+    config.data.tile_size = 0
+    config.data.tile_stride = 0
     # Training order: a full permutation per epoch drawn from (seed, epoch), so resume is exact.
 
     config.model = ml_collections.ConfigDict()
@@ -82,6 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.pro_max_fpr = 0.3
     config.eval.figures = True
     config.eval.threshold_percentile = 99.0
+    # Evaluate through an exported artifact (rstpm_jax.deploy): "jax" (in process, no artifact),
+    # "onnxruntime" or "openvino"; precision "f32", "bf16" (jax: model.dtype bfloat16; openvino:
+    # its bf16 hint) or "int8" (openvino: NNCF int8 convolutions calibrated on the held-out
+    # normal images). Anything but jax/f32 writes to <category>/eval_<backend>_<precision>/.
+    config.eval.backend = "jax"
+    config.eval.precision = "f32"
+    config.eval.artifact = ""  # an exported .onnx to evaluate; empty: export the trained model
 
     # The device mesh: jobs (category x seed) over "model", each job's batch over "data".
     config.mesh = ml_collections.ConfigDict()

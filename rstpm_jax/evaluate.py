@@ -1,5 +1,9 @@
 """Evaluation: a trained category over its held-out and test images -> thresholds and metrics.
 
+The model runs in process (``eval.backend=jax``) or as an exported artifact (``onnxruntime``,
+``openvino``; ``eval.precision`` f32, bf16 or int8). With tiling the maps are stitched back
+to each image's own size before any metric.
+
 Writing the results (``results.json``, figures, the summary) is ``artifacts``' job.
 """
 
@@ -17,8 +21,11 @@ import numpy as np
 from absl import logging
 
 from rstpm_jax import metrics, sharding
+from rstpm_jax import workdir as workdir_lib
 from rstpm_jax.anomaly_maps import MapSpec
 from rstpm_jax.data.sources import Source
+from rstpm_jax.data.tiling import Stitcher, TileSpec
+from rstpm_jax.deploy.runtime import Artifact
 from rstpm_jax.inference import compiled_infer
 from rstpm_jax.models.rstpm import RSTPM
 
@@ -37,6 +44,7 @@ class Evaluation:
     examples: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # per defect type
     seconds: float = 0.0
     selection: dict = dataclasses.field(default_factory=dict)  # which epoch (train.select_epoch)
+    deployment: dict = dataclasses.field(default_factory=dict)  # eval.backend, precision, artifact
 
 
 def eval_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
@@ -45,22 +53,57 @@ def eval_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     return -(-max(1, int(config.eval.batch_size)) // n) * n
 
 
+def eval_backend(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """``(eval.backend, eval.precision)``: ``("jax", "f32")`` is the in-process model."""
+    return str(config.eval.get("backend", "jax")), str(config.eval.get("precision", "f32"))
+
+
 def run_split(config: ml_collections.ConfigDict, source: Source, category: str, split: str, infer,
               teacher_vars: Any, student_vars: Any, mesh: jax.sharding.Mesh
               ) -> Iterator[tuple[dict, dict]]:
-    """Yield global NumPy batches (valid rows only) of the inputs and the inference outputs."""
+    """Yield global NumPy batches (valid rows only) of the inputs and the inference outputs.
+
+    ``infer``: a compiled ``infer(teacher_vars, student_vars, images)`` (``compiled_infer``) or
+    an exported artifact (``deploy.runtime.Artifact``, run on each host's rows; the variables
+    are then unused). With tiling (``data.tile_size``) the model sees tiles; each image is
+    yielded alone (a batch of one) once its tiles are stitched back: image, mask, map and
+    per-level maps at the image's own size, overlaps averaged, the score the stitched map's
+    maximum.
+    """
     from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
 
+    tiling = TileSpec.from_config(config.data)
+    stitcher = Stitcher(tiling) if tiling else None
+    on_host = isinstance(infer, Artifact)
     for batch in input_pipeline.eval_dataset(
             source.root, category, split=split, image_size=int(config.data.image_size),
             global_batch_size=eval_batch_size(config, mesh), process_index=jax.process_index(),
             process_count=jax.process_count(), seed=int(config.seed),
-            holdout_fraction=float(config.data.holdout_fraction), data_dir=source.tfds_dir):
-        out = infer(teacher_vars, student_vars, sharding.to_global(batch["image"], mesh))
+            holdout_fraction=float(config.data.holdout_fraction), data_dir=source.tfds_dir,
+            tiling=tiling):
+        if on_host:
+            out = sharding.to_global(infer(batch["image"]), mesh)
+        else:
+            out = infer(teacher_vars, student_vars, sharding.to_global(batch["image"], mesh))
         out = sharding.gather_to_all(out)
         inputs = sharding.gather_to_all(sharding.to_global(batch, mesh))
         keep = inputs["valid"].astype(bool)
-        yield jax.tree.map(lambda x, k=keep: x[k], (inputs, out))
+        inputs, out = jax.tree.map(lambda x, k=keep: x[k], (inputs, out))
+        if stitcher is None:
+            yield inputs, out
+            continue
+        for row in range(len(inputs["index"])):
+            tile = {"image": inputs["image"][row], "mask": inputs["mask"][row], "map": out["map"][row]}
+            if "levels" in out:
+                tile["levels"] = jax.tree.map(lambda x, r=row: x[r], out["levels"])
+            whole = stitcher.add(int(inputs["index"][row]), *(int(v) for v in inputs["tile_yx"][row]),
+                                 *(int(v) for v in inputs["image_hw"][row]), tile)
+            if whole is not None:
+                one = jax.tree.map(lambda x: x[None], whole)
+                yield ({"image": one["image"], "mask": one["mask"], "label": inputs["label"][row:row + 1],
+                        "index": inputs["index"][row:row + 1], "valid": np.ones(1, bool)},
+                       {"map": one["map"], "score": one["map"].max(axis=(1, 2)),
+                        **({"levels": one["levels"]} if "levels" in one else {})})
 
 
 def holdout_score(config: ml_collections.ConfigDict, source: Source, category: str, infer,
@@ -101,34 +144,65 @@ def compute_thresholds(config: ml_collections.ConfigDict, source: Source, catego
                               "scale": image_threshold}}
 
 
+def evaluated_infer(config: ml_collections.ConfigDict, source: Source, category: str, model: RSTPM,
+                    teacher_vars: Any, student_vars: Any, mesh: jax.sharding.Mesh,
+                    artifact_dir: str | None = None) -> tuple[Any, dict]:
+    """What ``eval.backend``/``eval.precision`` evaluates (``run_split``'s ``infer``) and a
+    record of it: the in-process model (jax; bf16 = ``model.dtype`` bfloat16) or an exported
+    artifact (exported into ``artifact_dir`` unless ``eval.artifact`` names one)."""
+    backend, precision = eval_backend(config)
+    if backend == "jax":
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"eval.backend=jax runs f32 or bf16, not eval.precision={precision!r}.")
+        if precision == "bf16":
+            cfg = config.copy_and_resolve_references()
+            with cfg.unlocked():
+                cfg.model.dtype = "bfloat16"
+            model = workdir_lib.create_model(cfg)
+        tiled = TileSpec.from_config(config.data) is not None
+        with_attention = bool(config.eval.figures) and model.has_attention and not tiled
+        infer = compiled_infer(model, MapSpec.from_config(config.maps), mesh, with_attention=with_attention)
+        return infer, {"backend": backend, "precision": precision}
+    from rstpm_jax.deploy import artifact  # noqa: PLC0415 (onnx, onnxruntime / openvino)
+
+    exported = artifact.evaluation_artifact(config, source.root, source.tfds_dir, category, teacher_vars,
+                                            student_vars, backend, precision, artifact_dir)
+    return exported, {"backend": backend, "precision": precision,
+                      "artifact": {k: exported.meta.get(k) for k in ("format", "opset", "files", "sha256",
+                                                                     "int8", "versions")}}
+
+
 def evaluate_category(config: ml_collections.ConfigDict, source: Source, category: str,
                       model: RSTPM, teacher_vars: Any, student_vars: Any,
-                      mesh: jax.sharding.Mesh) -> Evaluation:
-    """Thresholds (held-out normal images), metrics and examples of one trained category."""
+                      mesh: jax.sharding.Mesh, artifact_dir: str | None = None) -> Evaluation:
+    """Thresholds (held-out normal images), metrics and examples of one trained category,
+    through ``eval.backend`` in ``eval.precision`` (an exported artifact, written to
+    ``artifact_dir``, unless jax)."""
     from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
 
     t0 = time.time()
     figures = bool(config.eval.figures)
-    # One compiled function for both splits; the gates' maps are kept for the figures.
-    infer = compiled_infer(model, MapSpec.from_config(config.maps), mesh,
-                           with_attention=figures and model.has_attention)
+    # One compiled function (or artifact) for both splits; the gates' maps are kept for the figures.
+    infer, deployment = evaluated_infer(config, source, category, model, teacher_vars, student_vars, mesh,
+                                        artifact_dir)
     thresholds = compute_thresholds(config, source, category, infer, teacher_vars, student_vars, mesh)
     acc = metrics.MetricsAccumulator(max_fpr=float(config.eval.pro_max_fpr))
-    result = Evaluation(category, thresholds, 0)
+    result = Evaluation(category, thresholds, 0, deployment=deployment)
     items = input_pipeline.test_items(source.root, category, source.tfds_dir)
     host0 = jax.process_index() == 0
     for inputs, out in run_split(config, source, category, "test", infer, teacher_vars,
                                  student_vars, mesh):
         result.num_test_images += len(inputs["label"])
         if host0:
-            acc.update(out["map"], inputs["mask"], inputs["label"], out["levels"])
+            acc.update(out["map"], inputs["mask"], inputs["label"], out.get("levels"))
             result.scores.extend((items[int(i)].path, int(lbl), float(s))
                                  for i, lbl, s in zip(inputs["index"], inputs["label"], out["score"]))
             if figures:
                 _keep_examples(result.examples, items, inputs, out)
     if host0:
         result.metrics = acc.compute()
-        logging.info("%s: image AUROC %.4f, pixel AUROC %.4f, AUPRO %.4f (%d test images)", category,
+        logging.info("%s (%s %s): image AUROC %.4f, pixel AUROC %.4f, AUPRO %.4f (%d test images)", category,
+                     deployment["backend"], deployment["precision"],
                      result.metrics.get("image_auroc", float("nan")),
                      result.metrics.get("pixel_auroc", float("nan")),
                      result.metrics.get("aupro", float("nan")), result.num_test_images)
@@ -142,6 +216,6 @@ def _keep_examples(examples: dict, items: list, inputs: dict, out: dict) -> None
         if len(examples.setdefault(defect, [])) < NUM_FIGURE_EXAMPLES:
             examples[defect].append({
                 "image": inputs["image"][row], "mask": inputs["mask"][row], "map": out["map"][row],
-                "levels": jax.tree.map(lambda x, r=row: x[r], out["levels"]),
+                "levels": jax.tree.map(lambda x, r=row: x[r], out.get("levels", {})),
                 "attention": jax.tree.map(lambda x, r=row: x[r], out.get("attention", {})),
                 "name": os.path.basename(items[int(index)].path)})

@@ -1,27 +1,32 @@
-"""A self-contained ``jax.export`` artifact of a trained category's inference function.
+"""A self-contained artifact of a trained category's inference function: ``jax.export`` or ONNX.
 
-    python -m rstpm_jax.export --workdir DIR --category C --output model.jaxexport
+    python -m rstpm_jax.export --workdir DIR --category C --output model.jaxexport   # --format jax
+    python -m rstpm_jax.export --workdir DIR --category C --output model.onnx --format onnx \
+        [--precision int8]
 
 The artifact maps a batch of normalised images ``float32[b, H, W, 3]`` (any ``b``; H, W the
-training size) to ``{"map": float32[b, H, W], "score": float32[b]}``, with every weight
-closed over as a constant: loading and running it needs jax alone (``load`` below; no
-flax, no rstpm_jax model code). A JSON sidecar ``<output>.json`` holds the preprocessing
-(image size, ImageNet mean/std), the thresholds and the score normalisation.
+training size, or the tile size of a model trained on tiles) to ``{"map": float32[b, H, W],
+"score": float32[b]}``, with every weight inside. ``jax``: a ``jax.export`` file; loading
+and running it needs jax alone (``load`` below; no flax, no rstpm_jax model code); precision
+f32 or bf16 (``model.dtype`` bfloat16). ``onnx``: one ONNX graph (opset 17, dynamic batch;
+``rstpm_jax.deploy.onnx_export``) for ONNX Runtime and OpenVINO (bf16 there is a load-time
+hint); ``--precision int8`` also writes ``<stem>.int8.xml``/``.bin``, an OpenVINO model with
+int8 convolutions (NNCF, calibrated on the category's held-out normal images). A JSON sidecar
+``<output>.json`` holds the preprocessing (image size, ImageNet mean/std, tiling), the
+thresholds and the score normalisation (not in the graph), the format, precision and versions.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import jax
-import numpy as np
 
-from rstpm_jax.ops import compile_options
+from rstpm_jax.deploy.runtime import ExportedModel, load  # noqa: F401 - the artifact API
+from rstpm_jax.deploy.runtime import write_sidecar as _write_sidecar
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
@@ -36,52 +41,81 @@ def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
         raise ValueError(f"--platforms: unknown {unknown or 'empty list'}{hint}; choose from "
                          f"{', '.join(PLATFORMS)} (comma-separated).")
     return platforms
+
+
 FORMAT = "rstpm-jax-export/1"
+FORMATS = ("jax", "onnx")
 
 
-def export_category(workdir: str, category: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                    image_threshold: float | None = None,
-                    pixel_threshold: float | None = None) -> tuple[jax.export.Exported, dict]:
-    """Trace and lower the trained ``category``'s inference function; returns it and its metadata."""
-    import jax.numpy as jnp  # noqa: PLC0415
-
+def _trained(workdir: str, category: str, image_threshold: float | None, pixel_threshold: float | None,
+             dtype: str | None = None):
     from rstpm_jax import predict, sharding  # noqa: PLC0415
     from rstpm_jax import workdir as workdir_lib  # noqa: PLC0415
-    from rstpm_jax.anomaly_maps import MapSpec  # noqa: PLC0415
-    from rstpm_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
-    from rstpm_jax.inference import make_infer_fn  # noqa: PLC0415
+    from rstpm_jax.deploy import artifact  # noqa: PLC0415
 
-    platforms = check_platforms(platforms)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     workdir_lib.check_trained(workdir, category)
     config = workdir_lib.load_config(workdir)
+    if dtype:
+        config.model.dtype = dtype
     thresholds = predict.resolve_thresholds(workdir, category, image_threshold, pixel_threshold)
     # flax's own layers: portable across platforms and free of custom gradients.
     model, teacher_vars, student_vars = workdir_lib.load_trained(
         config, workdir, category, sharding.make_mesh(), fast_cpu_ops=False)
     teacher_vars, student_vars = jax.device_get((teacher_vars, student_vars))  # NumPy constants
+    step = artifact.latest_step(workdir, category, config)
+    return workdir, config, thresholds, model, teacher_vars, student_vars, step
+
+
+def export_category(workdir: str, category: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                    image_threshold: float | None = None, pixel_threshold: float | None = None,
+                    precision: str = "f32") -> tuple[jax.export.Exported, dict]:
+    """Trace and lower the trained ``category``'s inference function; returns it and its metadata."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from rstpm_jax.anomaly_maps import MapSpec  # noqa: PLC0415
+    from rstpm_jax.deploy import artifact  # noqa: PLC0415
+    from rstpm_jax.inference import make_infer_fn  # noqa: PLC0415
+
+    platforms = check_platforms(platforms)
+    if precision not in ("f32", "bf16"):
+        raise ValueError(f"--format jax exports f32 or bf16, not {precision!r} (int8: --format onnx).")
+    workdir, config, thresholds, model, teacher_vars, student_vars, step = _trained(
+        workdir, category, image_threshold, pixel_threshold, "bfloat16" if precision == "bf16" else None)
     infer = make_infer_fn(model, MapSpec.from_config(config.maps), with_levels=False)
 
     def fn(images):
-        return infer(teacher_vars, student_vars, images)
+        out = infer(teacher_vars, student_vars, images)
+        return {"map": out["map"].astype(jnp.float32), "score": out["score"].astype(jnp.float32)}
 
-    h = w = int(config.data.image_size)
+    meta = artifact.base_meta(config, category, workdir, thresholds, precision, step)
+    h, w = meta["image_size"]
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {h}, {w}, 3"), jnp.float32)
-    exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
-    meta = {
-        "format": FORMAT, "category": category, "model": str(config.name), "workdir": workdir,
-        "image_size": [h, w],
-        "input": {"shape": ["b", h, w, 3], "dtype": "float32", "layout": "NHWC",
-                  "preprocessing": "RGB (grayscale replicated), resize to image_size (bilinear), "
-                                   "x / 255, (x - mean) / std"},
-        "mean": [float(v) for v in IMAGENET_MEAN], "std": [float(v) for v in IMAGENET_STD],
-        "outputs": {"map": "float32[b, H, W] anomaly map at the input size",
-                    "score": "float32[b] image score = max of the map"},
-        "thresholds": thresholds, "normalization": thresholds["normalization"],
-        "platforms": list(exported.platforms), "jax_version": jax.__version__,
-        "calling_convention_version": int(exported.calling_convention_version),
-    }
+    exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
+    meta = {"format": FORMAT, **meta, "compute_dtype": "bfloat16" if precision == "bf16" else "float32",
+            "platforms": list(exported.platforms), "jax_version": jax.__version__,
+            "calling_convention_version": int(exported.calling_convention_version)}
     return exported, meta
+
+
+def export_category_onnx(workdir: str, category: str, output: str, image_threshold: float | None = None,
+                         pixel_threshold: float | None = None, precision: str = "f32",
+                         opset: int | None = None) -> dict:
+    """Write the trained ``category`` as ONNX to ``output`` (with ``precision="int8"`` also its
+    OpenVINO int8 model) and the sidecar; returns the sidecar."""
+    from rstpm_jax.data import sources  # noqa: PLC0415
+    from rstpm_jax.deploy import artifact  # noqa: PLC0415
+
+    if precision not in ("f32", "bf16", "int8"):
+        raise ValueError(f"--precision must be f32, bf16 or int8, got {precision!r}.")
+    workdir, config, thresholds, _, teacher_vars, student_vars, step = _trained(
+        workdir, category, image_threshold, pixel_threshold)
+    calibration = None
+    if precision == "int8":
+        source, _ = sources.prepare(config, workdir)
+        calibration = artifact.calibration_images(config, source.root, category, source.tfds_dir)
+    meta = artifact.base_meta(config, category, workdir, thresholds, checkpoint_step=step)
+    return artifact.export_onnx_artifact(config, teacher_vars, student_vars, output, meta, calibration, opset)
 
 
 def save(exported: jax.export.Exported, meta: dict, path: str) -> None:
@@ -89,38 +123,11 @@ def save(exported: jax.export.Exported, meta: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(exported.serialize())
-    with open(path + ".json", "w") as f:
-        json.dump(meta, f, indent=2)
+    _write_sidecar(path, meta)
 
 
-class ExportedModel:
-    """A loaded artifact: ``model(images) -> {"map", "score"}`` as NumPy; ``model.meta``: the sidecar."""
-
-    def __init__(self, exported: jax.export.Exported, meta: dict):
-        self.exported, self.meta = exported, meta
-        self._call = compile_options.jit(exported.call)
-
-    def __call__(self, images: Any) -> dict[str, np.ndarray]:
-        return jax.tree.map(np.asarray, self._call(np.asarray(images, np.float32)))
-
-    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        """(..., H, W, 3) uint8 RGB already at ``image_size`` -> normalised float32 input."""
-        mean, std = np.asarray(self.meta["mean"], np.float32), np.asarray(self.meta["std"], np.float32)
-        return (np.asarray(rgb, np.float32) / 255.0 - mean) / std
-
-    def normalized_score(self, score: Any) -> np.ndarray:
-        return np.asarray(score, np.float64) / float(self.meta["normalization"]["scale"])
-
-
-def load(path: str) -> ExportedModel:
-    """Deserialise an artifact written by ``save`` (and its sidecar, when present). Needs jax only."""
-    with open(path, "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
-    meta = {}
-    if os.path.isfile(path + ".json"):
-        with open(path + ".json") as f:
-            meta = json.load(f)
-    return ExportedModel(exported, meta)
+def _mib(path: str) -> float:
+    return os.path.getsize(path) / 2**20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,27 +135,50 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="The training run's --workdir.")
     parser.add_argument("--category", required=True, help="A trained category in the workdir.")
-    parser.add_argument("--output", required=True, help="Artifact path, e.g. model.jaxexport.")
+    parser.add_argument("--output", required=True, help="Artifact path, e.g. model.jaxexport or model.onnx.")
+    parser.add_argument("--format", choices=FORMATS, default="jax",
+                        help="jax: a jax.export file (needs jax); onnx: ONNX for ONNX Runtime / OpenVINO.")
+    parser.add_argument("--precision", choices=("f32", "bf16", "int8"), default="f32",
+                        help="jax: f32 or bf16 (compute dtype). onnx: the graph is float32 (bf16 is "
+                             "OpenVINO's load-time hint); int8 also writes an OpenVINO int8 model.")
     parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
-                        help=f"Comma-separated platforms to lower for ({', '.join(PLATFORMS)}).")
+                        help=f"--format jax: comma-separated platforms to lower for ({', '.join(PLATFORMS)}).")
+    parser.add_argument("--opset", type=int, default=None, help="--format onnx: ONNX opset (default 17).")
     parser.add_argument("--image_threshold", type=float, default=None,
                         help="Recorded in the sidecar (default: thresholds.json).")
     parser.add_argument("--pixel_threshold", type=float, default=None,
                         help="Recorded in the sidecar (default: thresholds.json).")
     args = parser.parse_args(argv)
-    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        check_platforms(platforms)  # before jax, the model or the workdir is touched
-        exported, meta = export_category(args.workdir, args.category, platforms,
-                                         args.image_threshold, args.pixel_threshold)
+        if args.format == "onnx":
+            meta = export_category_onnx(args.workdir, args.category, args.output, args.image_threshold,
+                                        args.pixel_threshold, args.precision, args.opset)
+        else:
+            platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+            check_platforms(platforms)  # before jax, the model or the workdir is touched
+            exported, meta = export_category(args.workdir, args.category, platforms, args.image_threshold,
+                                             args.pixel_threshold, args.precision)
+            save(exported, meta, args.output)
     except (FileNotFoundError, ValueError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
-    save(exported, meta, args.output)
-    size = os.path.getsize(args.output)
-    print(f"wrote {args.output} ({size / 2**20:.1f} MiB, platforms {','.join(meta['platforms'])}, "
-          f"input float32[b, {meta['image_size'][0]}, {meta['image_size'][1]}, 3]) and "
-          f"{args.output}.json")
+    except ImportError as e:
+        print(f"export: error: {e}; --format onnx needs the export extra: pip install '.[export]' and "
+              "pip install --no-deps jax2onnx==0.17.1 (README).", file=sys.stderr)
+        return 2
+    h, w = meta["image_size"]
+    what = f"input float32[b, {h}, {w}, 3]" + (
+        f", tiles of {h} every {meta['tiling']['tile_stride']} px" if meta.get("tiling") else "")
+    if args.format == "onnx":
+        files = [os.path.join(os.path.dirname(os.path.abspath(args.output)), f) for f in meta["files"].values()]
+        files += [f[:-4] + ".bin" for f in files if f.endswith(".xml")]
+        sizes = ", ".join(f"{os.path.basename(f)} {_mib(f):.1f} MiB" for f in files)
+        print(f"wrote {sizes} (opset {meta['opset']}, precisions {meta['precisions']}, {what}) and "
+              f"{args.output}.json")
+    else:
+        print(f"wrote {args.output} ({_mib(args.output):.1f} MiB, {meta['precision']}, platforms "
+              f"{','.join(meta['platforms'])}, {what}) and {args.output}.json")
     return 0
 
 

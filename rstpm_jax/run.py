@@ -80,8 +80,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             # The students the config selects (train.select_epoch), as predict and export load them.
             model, teacher_vars, student_vars = workdir_lib.load_trained(job.config, job.workdir,
                                                                          job.category, mesh)
-            evaluation = evaluate.evaluate_category(job.config, source, job.category, model,
-                                                    teacher_vars, student_vars, mesh)
+            evaluation = evaluate.evaluate_category(
+                job.config, source, job.category, model, teacher_vars, student_vars, mesh,
+                artifact_dir=artifacts.category_dir(job.workdir, job.category, job.config))
             evaluation.selection = workdir_lib.selection_record(job.config, job.workdir, job.category)
             artifacts.write_category(job.workdir, evaluation, job.config)
             rows[job.name] = artifacts.row(evaluation)
@@ -91,7 +92,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             logging.exception("%s: evaluation failed", job.name)
             rows[job.name] = artifacts.failed(e)
             artifacts.write_failure(job.directory, job.category, str(e), job.config)
-    artifacts.write_summary(workdir, rows)
+    artifacts.write_summary(workdir, rows, config)
     failed = [name for name, r in rows.items() if reports.is_failed(r)]
     if failed:
         raise JobsFailedError(f"{len(failed)} of {len(rows)} job(s) failed ({', '.join(failed)}); the others' "

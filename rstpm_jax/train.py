@@ -31,6 +31,7 @@ from rstpm_jax import checkpoints, fleet, guards, losses, sharding, teacher_cach
 from rstpm_jax import workdir as workdir_lib
 from rstpm_jax.anomaly_maps import MapSpec
 from rstpm_jax.data.sources import Source
+from rstpm_jax.data.tiling import TileSpec, model_input_size
 from rstpm_jax.inference import compiled_infer
 from rstpm_jax.jobs import Job
 from rstpm_jax.metric_log import MetricLog
@@ -158,7 +159,7 @@ class JobRun:
 def num_train_images(config: ml_collections.ConfigDict, source: Source, category: str) -> int:
     from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
     return input_pipeline.num_examples(source.root, category, "train", float(config.data.holdout_fraction),
-                                       int(config.seed), source.tfds_dir)
+                                       int(config.seed), source.tfds_dir, TileSpec.from_config(config.data))
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, source: Source, category: str) -> int:
@@ -210,7 +211,7 @@ def build_teacher_cache(run: JobRun, model: RSTPM, source: Source) -> teacher_ca
     images, indices = input_pipeline.load_images(
         source.root, run.job.category, "train", image_size=int(cfg.data.image_size),
         holdout_fraction=float(cfg.data.holdout_fraction), seed=int(cfg.seed), process_index=0,
-        process_count=1, data_dir=source.tfds_dir)
+        process_count=1, data_dir=source.tfds_dir, tiling=TileSpec.from_config(cfg.data))
     cache = teacher_cache.TeacherCache(model, run.teacher_host, images, indices,
                                        int(cfg.train.batch_size))
     logging.info("%s: cached teacher features of %d images: %.1f MB in %.1f s.", run.job.name,
@@ -311,7 +312,7 @@ def _train(runs: list[JobRun], model: RSTPM, source: Source, layout: fleet.Layou
 
     config = runs[0].job.config
     shared = all(_same_tree(r.teacher_host, runs[0].teacher_host) for r in runs)
-    per_image = teacher_cache.feature_bytes(model, runs[0].teacher_host, int(config.data.image_size))
+    per_image = teacher_cache.feature_bytes(model, runs[0].teacher_host, model_input_size(config.data))
     total_images = sum(num_train_images(r.job.config, source, r.job.category) for r in runs)
     cached = teacher_cache.use_cache(config.train, per_image, total_images)
     if cached:
@@ -369,7 +370,7 @@ def _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
     from rstpm_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
 
     config = runs[0].job.config
-    size, batch = int(config.data.image_size), int(config.train.batch_size)
+    size, batch = model_input_size(config.data), int(config.train.batch_size)
     every = max(1, int(config.train.log_every_steps))
     drop = bool(config.train.get("drop_last", False))
     iters = {}
@@ -379,7 +380,7 @@ def _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
             iters[slot] = input_pipeline.train_dataset(
                 source.root, r.job.category, image_size=size, global_batch_size=batch, seed=int(cfg.seed),
                 epoch=epoch, holdout_fraction=float(cfg.data.holdout_fraction), rows=local[slot],
-                data_dir=source.tfds_dir, drop_last=drop)
+                data_dir=source.tfds_dir, drop_last=drop, tiling=TileSpec.from_config(cfg.data))
     like = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32),
             "valid": jax.ShapeDtypeStruct((batch,), np.float32)}
     cached = runs[0].cache is not None

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from rstpm_jax import checkpoints, config_checks, defaults, registry, sharding
+from rstpm_jax.data.tiling import model_input_size
 from rstpm_jax.models.rstpm import RSTPM, build_model
 from rstpm_jax.state import TrainState, create_train_state
 
@@ -123,8 +124,9 @@ def create_model(config: ml_collections.ConfigDict, **kwargs: Any) -> RSTPM:
 
 
 def init_state(config: ml_collections.ConfigDict, model: RSTPM) -> tuple[TrainState, dict]:
-    """A fresh train state and random teacher variables from ``config.seed``."""
-    return create_train_state(jax.random.key(config.seed), config, model, int(config.data.image_size))
+    """A fresh train state and random teacher variables from ``config.seed`` (for inputs of the
+    model's size: ``data.image_size``, or ``data.tile_size`` when tiling)."""
+    return create_train_state(jax.random.key(config.seed), config, model, model_input_size(config.data))
 
 
 # ----------------------------------------------------------------------------- teachers' identity

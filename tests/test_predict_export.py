@@ -46,9 +46,11 @@ def trained(base):
 
 
 def _predict_cli(base, workdir: str, inputs: str, out: str, *flags: str) -> tuple[dict, list[str]]:
-    """``python -X importtime -m rstpm_jax.predict ...`` -> (predictions.json, modules imported)."""
+    """``python -X importtime -m rstpm_jax.predict ...`` -> (predictions.json, modules imported).
+    The jax backend (the default is the fastest installed; test_deploy covers the others)."""
     cmd = [sys.executable, "-X", "importtime", "-m", "rstpm_jax.predict", "--workdir", workdir,
-           "--category", "fabric", "--input", inputs, "--output", out, "--no_progress", *flags]
+           "--category", "fabric", "--input", inputs, "--output", out, "--no_progress", "--backend", "jax",
+           *flags]
     proc = subprocess.run(cmd, cwd=h.REPO, env=h.env(str(base / "jax_cache")), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,0 +1,208 @@
+"""The production line end to end on one tiny model trained on tiles: ONNX / jax.export artifacts
+and their sidecars, predict through every backend (same CSV rows; the same scores as the tiled
+evaluation), predict from an artifact alone, evaluation through an int8 artifact, and a
+3000x2000 image predicted tile by tile in bounded memory.
+
+The model (STPM, random teachers) is trained once per session on synthetic fabric at its
+native 64x64 in 32x32 tiles every 16 px (9 overlapping tiles an image); the CLIs run in
+subprocesses like a production line would.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rstpm_jax.deploy import runtime
+from tests import _train_helpers as h
+
+SIZE, TILE, STRIDE = 64, 32, 16
+TRAIN = ["--config.data.categories=fabric", "--config.model.random_teachers=True",
+         f"--config.data.image_size={SIZE}", f"--config.data.tile_size={TILE}",
+         f"--config.data.tile_stride={STRIDE}", "--config.train.batch_size=16", "--config.train.epochs=2",
+         "--config.data.holdout_fraction=0.25", "--config.eval.batch_size=16", "--config.eval.figures=False"]
+
+EXPORT_INSTALLED = all(importlib.util.find_spec(m) is not None
+                       for m in ("jax2onnx", "onnx", "onnxruntime", "openvino", "nncf"))
+needs_export = pytest.mark.skipif(not EXPORT_INSTALLED,
+                                  reason="the export extra and jax2onnx (README) are not installed")
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("deploy")
+
+
+@pytest.fixture(scope="session")
+def tiled(base):
+    from rstpm_jax.data import synthetic
+    root = str(base / "data")
+    synthetic.generate(root, seed=0, image_size=SIZE, categories=("fabric",))
+    workdir = str(base / "work")
+    h.run(h.main_cmd("stpm.py", workdir, f"--config.data.root={root}", *TRAIN), h.env(str(base / "jax_cache")))
+    return root, workdir
+
+
+def _cli(base, module: str, *args: str, importtime: bool = False) -> tuple[str, list[str]]:
+    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=h.REPO, env=h.env(str(base / "jax_cache")), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    modules = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+               if line.startswith("import time:") and "|" in line]
+    return proc.stdout, modules
+
+
+@pytest.fixture(scope="session")
+def artifacts(base, tiled):
+    _, workdir = tiled
+    out = {"onnx": str(base / "export" / "model.onnx"), "jax": str(base / "export" / "model.jaxexport")}
+    common = ["--workdir", workdir, "--category", "fabric"]
+    _cli(base, "rstpm_jax.export", *common, "--output", out["jax"])
+    if EXPORT_INSTALLED:
+        _cli(base, "rstpm_jax.export", *common, "--output", out["onnx"], "--format", "onnx", "--precision", "int8")
+    return out
+
+
+def test_tiled_training_and_evaluation(tiled):
+    _, workdir = tiled
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["data"]["tile_size"] == TILE and config["data"]["tile_stride"] == STRIDE
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "fabric", "metrics.jsonl"))]
+    assert max(steps) == 2 * -(-24 * 9 // 16)  # 24 training images x 9 tiles, batches of 16, 2 epochs
+    results = json.load(open(os.path.join(workdir, "fabric", "results.json")))
+    assert results["metrics"]["num_pixels"] == 16 * SIZE * SIZE  # maps stitched to the full images
+    assert results["image_auroc"] > 0.5 and results["pixel_auroc"] > 0.5
+
+
+@needs_export
+def test_sidecars_and_graph(artifacts):
+    import onnx
+
+    jax_meta, onnx_meta = runtime.read_sidecar(artifacts["jax"]), runtime.read_sidecar(artifacts["onnx"])
+    assert set(jax_meta) - {"platforms", "jax_version", "calling_convention_version"} <= set(onnx_meta)
+    for meta in (jax_meta, onnx_meta):
+        assert meta["image_size"] == [TILE, TILE] and meta["tiling"] == {"tile_size": TILE, "tile_stride": STRIDE}
+        assert meta["thresholds"]["image_threshold"] > 0 and meta["normalization"]["scale"] > 0
+    assert onnx_meta["format"].startswith("rstpm-onnx") and onnx_meta["opset"] == 17
+    assert {"onnx", "onnxruntime", "jax2onnx", "openvino", "nncf"} <= set(onnx_meta["versions"])
+    assert onnx_meta["precisions"]["openvino"] == ["f32", "bf16", "int8"]
+    assert onnx_meta["int8"]["scope"].startswith("convolutions only") and onnx_meta["int8"]["quantised_ops"] > 0
+    assert onnx_meta["int8"]["float_stems"] == 2  # the teacher's and the student's first conv
+    folder = os.path.dirname(artifacts["onnx"])
+    assert os.path.isfile(os.path.join(folder, onnx_meta["files"]["openvino_int8"]))
+    graph = onnx.load(artifacts["onnx"])
+    dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", TILE, TILE, 3] and len(graph.graph.initializer) > 0  # weights inside
+
+
+def _rows(out: str) -> list[dict]:
+    with open(os.path.join(out, "predictions.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@needs_export
+@pytest.mark.parametrize("how", ["workdir jax", "workdir onnxruntime", "workdir openvino",
+                                 "artifact jax", "artifact onnxruntime", "artifact openvino"])
+def test_predict_through_every_backend_gives_the_same_rows(base, tiled, artifacts, how):
+    """Each backend's CSV rows match the tiled evaluation's scores (the jax backend to float
+    rounding: predict tiles and stitches exactly as evaluation does) and each other's."""
+    root, workdir = tiled
+    source, backend = how.split()
+    out = str(base / f"pred_{source}_{backend}")
+    where = (["--workdir", workdir, "--category", "fabric"] if source == "workdir"
+             else ["--artifact", artifacts["jax" if backend == "jax" else "onnx"]])
+    images = os.path.join(root, "fabric", "test", "*", "*.png")
+    stdout, modules = _cli(base, "rstpm_jax.predict", *where, "--input", images, "--output", out,
+                           "--backend", backend, "--map_format", "npy", "--no_progress", importtime=True)
+    assert f"backend {backend} (f32" in stdout
+    assert "PIL.Image" in modules and not [m for m in modules if m.split(".")[0] in ("tensorflow",
+                                                                                     "tensorflow_datasets")]
+    if source == "artifact" and backend != "jax":  # an ONNX artifact alone needs no jax at all
+        assert not [m for m in modules if m.split(".")[0] in ("jax", "flax", "orbax", "torch")]
+    with open(os.path.join(workdir, "fabric", "test_scores.csv")) as f:
+        reference = {r["file"]: (int(r["label"]), float(r["score"])) for r in csv.DictReader(f)}
+    rows = _rows(out)
+    assert sorted(r["file"] for r in rows) == sorted(reference)
+    rtol = 1e-5 if backend == "jax" else 1e-4
+    for r in rows:
+        np.testing.assert_allclose(float(r["score"]), reference[r["file"]][1], rtol=rtol, err_msg=r["file"])
+        assert (int(r["width"]), int(r["height"])) == (SIZE, SIZE)
+        amap = np.load(os.path.join(out, r["map"]))
+        assert amap.shape == (SIZE, SIZE)
+        np.testing.assert_allclose(amap.max(), float(r["score"]), rtol=1e-6)
+    first = _rows(str(base / "pred_workdir_jax")) if os.path.isdir(base / "pred_workdir_jax") else rows
+    assert [(r["file"], r["decision"], r["width"], r["height"]) for r in rows] == [
+        (r["file"], r["decision"], r["width"], r["height"]) for r in first]
+
+
+@needs_export
+def test_default_backend_is_printed(base, tiled, artifacts):
+    root, _ = tiled
+    stdout, _ = _cli(base, "rstpm_jax.predict", "--artifact", artifacts["onnx"], "--input",
+                     os.path.join(root, "fabric", "test", "good", "000.png"), "--output", str(base / "pred_default"),
+                     "--no_progress")
+    assert f"backend {runtime.choose_backend('f32', ('onnxruntime', 'openvino'))} (f32; the fastest installed" in stdout
+
+
+@needs_export
+def test_evaluation_through_the_int8_artifact(base, tiled, artifacts):
+    root, workdir = tiled
+    h.run(h.main_cmd("stpm.py", workdir, f"--config.data.root={root}", *TRAIN, "--config.mode=eval",
+                     "--config.eval.backend=openvino", "--config.eval.precision=int8",
+                     f"--config.eval.artifact={artifacts['onnx']}"), h.env(str(base / "jax_cache")))
+    f32 = json.load(open(os.path.join(workdir, "fabric", "results.json")))
+    folder = os.path.join(workdir, "fabric", "eval_openvino_int8")
+    int8 = json.load(open(os.path.join(folder, "results.json")))
+    assert int8["deployment"]["backend"] == "openvino" and int8["deployment"]["precision"] == "int8"
+    assert int8["deployment"]["artifact"]["int8"]["quantised_ops"] > 0
+    assert int8["metrics"]["num_pixels"] == f32["metrics"]["num_pixels"]
+    assert abs(int8["pixel_auroc"] - f32["pixel_auroc"]) < 0.01
+    assert abs(int8["image_auroc"] - f32["image_auroc"]) < 0.05  # 16 test images: steps of 1/48
+    assert os.path.isfile(os.path.join(folder, "thresholds.json"))  # its own, beside the float32 ones
+    assert json.load(open(os.path.join(workdir, "fabric", "results.json"))) == f32
+
+
+PEAK = r"""
+import resource, sys
+from rstpm_jax import predict
+assert predict.main(sys.argv[1:]) == 0
+with open("/proc/self/status") as f:
+    print([int(l.split()[1]) for l in f if l.startswith("VmHWM")][0] * 1024)
+"""
+
+
+@needs_export
+def test_large_image_is_predicted_tile_by_tile_in_bounded_memory(base, tiled, artifacts):
+    """A 3000x2000 image (23 188 overlapping tiles) against a 400x400 one (576 tiles, so one
+    full batch of tiles either way): the peak resident set grows by a few float32 planes of
+    the image (its maps), far less than its tiles alone would take (285 MB as float32)."""
+    root, _ = tiled
+    base_rgb = np.asarray(Image.open(os.path.join(root, "fabric", "train", "good", "000.png")).convert("RGB"))
+    peaks, rows = {}, {}
+    for name, (hh, ww) in {"small": (400, 400), "large": (2000, 3000)}.items():
+        path = str(base / f"{name}.png")
+        Image.fromarray(np.tile(base_rgb, (hh // SIZE + 1, ww // SIZE + 1, 1))[:hh, :ww]).save(path)
+        out = str(base / f"pred_{name}")
+        proc = subprocess.run([sys.executable, "-c", PEAK, "--artifact", artifacts["onnx"], "--backend",
+                               "onnxruntime", "--input", path, "--output", out, "--batch_size", "256",
+                               "--no_progress"], cwd=h.REPO, env=h.env(), capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks[name] = int(proc.stdout.strip().splitlines()[-1])
+        rows[name] = _rows(out)[0]
+    assert (int(rows["large"]["width"]), int(rows["large"]["height"])) == (3000, 2000)
+    with Image.open(os.path.join(base / "pred_large", rows["large"]["map"])) as im:
+        assert im.size == (3000, 2000)
+    pixels = 3000 * 2000
+    tiles_bytes = 23188 * TILE * TILE * 3 * 4
+    grown = peaks["large"] - peaks["small"]
+    assert grown < 40 * pixels < tiles_bytes, (grown / 2**20, peaks)
