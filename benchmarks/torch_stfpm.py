@@ -4,9 +4,10 @@
 
 The model has the shape of anomalib's STFPM (2.x): a torchvision ResNet18 teacher (frozen,
 eval mode, no gradient) and a ResNet18 student up to ``layer3`` (training mode); features
-of ``layer1..3``. Loss: features L2-normalised along channels, 1/2 squared distance per
-position, mean over positions, summed over the three levels and averaged over the batch
-(anomalib sums over the batch, which only scales the gradient). SGD lr 0.4, momentum 0.9,
+of ``layer1..3``. Loss: ``configs/stpm.py``'s (``loss.name=stpm``, the official STPM code's):
+features L2-normalised along channels, squared distance per position, mean over positions
+and the batch, summed over the three levels; anomalib's ``STFPMLoss`` halves it and sums over
+the batch, which only scales the gradient. SGD lr 0.4, momentum 0.9,
 weight decay 1e-4. Inference: per-level distance maps resized bilinearly to the input and
 multiplied; the score is the map's maximum. NCHW float32, eager mode; the weights are random
 (speed does not depend on them). The issue measured anomalib 2.7 at 4.4 images/s (train
@@ -68,8 +69,9 @@ def distance_map(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def stfpm_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum over levels of the position-mean distance, averaged over the batch."""
-    return sum(distance_map(t, s).mean(dim=(1, 2)).mean() for t, s in zip(teacher, student))
+    """Sum over levels of the mean over (batch, positions) of ``||t^ - s^||^2``: twice the
+    mean of :func:`distance_map` (the official STPM code's loss, ``rstpm_jax.losses.stpm_loss``)."""
+    return sum(2.0 * distance_map(t, s).mean(dim=(1, 2)).mean() for t, s in zip(teacher, student))
 
 
 def anomaly_map(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
