@@ -45,9 +45,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     initialize(config)
     config_checks.validate(config)  # every key, before any data is read
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    if config.mode == "train":  # other teachers than the workdir's: refused before anything is written
-        for _, run_dir, cfg in jobs_lib.runs(config, workdir):
+    # Other teachers than the workdir's: refused before anything is trained, evaluated or written.
+    for _, run_dir, cfg in jobs_lib.runs(config, workdir):
+        if config.mode == "train":
             workdir_lib.check_teachers_before_training(cfg, run_dir)
+        else:
+            workdir_lib.check_teachers(cfg, run_dir, compare_files=False)
     os.makedirs(workdir, exist_ok=True)
     # One run per workdir at a time (process 0 holds WORKDIR/.lock).
     lock = guards.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()

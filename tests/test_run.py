@@ -56,16 +56,22 @@ def test_readme_plugin_example_runs_from_config_plugins(data, tmp_path, monkeypa
     config.train.epochs, config.eval.figures, config.model.random_teachers = 1, False, True
     config.model.teacher2 = "resnet18"  # a smaller teacher 2 compiles faster; the example is unchanged
 
-    train.compile_train_step.cache_clear()
+    train.compile_group_step.cache_clear()
     workdir = str(tmp_path / "work")
     rows = run.train_and_evaluate(config, workdir)
     assert set(rows) == {"fabric", "mesh"}
     assert "my_plugins" in sys.modules
     bound = losses.from_config(config.loss, config.maps)
     assert bound.name == "cosine_l1" and dict(bound.kwargs) == {"l1_weight": 0.05}
-    # One compiled step for both categories: the second found the first's.
-    info = train.compile_train_step.cache_info()
-    assert (info.misses, info.hits, info.currsize) == (1, 1, 1), info
+    # The kwargs are bound by value: a second run of a config built anew (one category) finds
+    # the first run's compiled step.
+    again = module.get_config()
+    again.data.root, again.data.categories, again.data.image_size = data, "mesh", 32
+    again.train.batch_size, again.eval.batch_size, again.train.epochs = 8, 8, 1
+    again.eval.figures, again.model.random_teachers, again.model.teacher2 = False, True, "resnet18"
+    run.train_and_evaluate(again, str(tmp_path / "work2"))
+    info = train.compile_group_step.cache_info()
+    assert (info.misses, info.currsize) == (1, 1) and info.hits >= 1, info
     for category in rows:
         record = json.load(open(os.path.join(workdir, category, "results.json")))
         assert record["config"]["maps"]["kwargs"] == {"student2_weight": 0.5}
