@@ -7,6 +7,10 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small setting for end-to-end runs through main (32x32, batch 8, no figures).
+SMALL_RUN = ["--config.data.image_size=32", "--config.train.batch_size=8", "--config.eval.batch_size=8",
+             "--config.eval.figures=False", "--config.train.log_every_steps=1"]
+SESSION_CACHE = "RSTPM_TEST_JAX_CACHE"  # env var: the session's compilation cache directory
 
 # A script prelude that runs the library in float64 (before it is imported: every float32 it
 # names is then float64). In float32, two summation orders (1 vs 8 devices, stacked vs alone)
@@ -31,8 +35,10 @@ def env(cache_dir: str | None = None, devices: int | None = None) -> dict[str, s
         e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     else:
         e.pop("XLA_FLAGS", None)
+    # One persistent compilation cache for every subprocess of the test session (conftest sets
+    # it): runs of the same model, shapes and mesh in different test files compile once.
+    cache_dir = os.environ.get(SESSION_CACHE) or cache_dir
     if cache_dir:
-        # Share compiled programs between the runs of one test session.
         e["JAX_COMPILATION_CACHE_DIR"] = cache_dir
         e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
