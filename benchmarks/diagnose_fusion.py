@@ -107,7 +107,7 @@ def diagnose(model_name: str, workdir: str, category: str) -> dict:
         pairs = feature_pairs(teacher, student)
         unit = jax.tree.map(lambda f: f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-12), pairs)
         att = attention_maps(sown["intermediates"]) if model.has_attention else {}
-        return unit, att
+        return unit, att, teacher["teacher1"]["layer4"]
 
     def batches(split):
         for b in input_pipeline.eval_dataset(source.root, category, split=split,
@@ -115,11 +115,30 @@ def diagnose(model_name: str, workdir: str, category: str) -> dict:
                                              holdout_fraction=float(config.data.holdout_fraction),
                                              seed=int(config.seed)):
             keep = b["valid"].astype(bool)
-            unit, att = jax.device_get(features(tv, sv, b["image"]))
-            yield {k: v[keep] for k, v in b.items()}, jax.tree.map(lambda x, k=keep: x[k], (unit, att))
+            got = jax.device_get(features(tv, sv, b["image"]))
+            yield {k: v[keep] for k, v in b.items()}, jax.tree.map(lambda x, k=keep: x[k], got)
 
-    # Fit on held-out normal images: the student's loss against the best constant's.
-    units = [u for _, (u, _) in batches("holdout")]
+    # Fit on held-out normal images: the student's loss against the best constant's, and for
+    # student 2 against a ridge probe from its input (teacher 1's layer4, nearest-upsampled),
+    # fitted on the training images: how much of the target the input can explain linearly.
+    held = list(batches("holdout"))
+    units = [u for _, (u, _, _) in held]
+    if "student2" in units[0]:
+        train_b = list(batches("train"))
+        for lvl in LEVELS:
+            def xy(bs, lvl=lvl):
+                t = np.concatenate([u["student2"][lvl][0] for _, (u, _, _) in bs])
+                x4 = np.concatenate([x for _, (_, _, x) in bs])
+                f = t.shape[1] // x4.shape[1]
+                x = np.repeat(np.repeat(x4, f, axis=1), f, axis=2)
+                x = x.reshape(-1, x.shape[-1])
+                return np.concatenate([x, np.ones((len(x), 1), x.dtype)], 1), t.reshape(len(x), -1)
+            x, y = xy(train_b)
+            w = np.linalg.solve(x.T @ x + 1e-2 * len(x) * np.eye(x.shape[1]), x.T @ y)
+            xh, yh = xy(held)
+            p = xh @ w
+            p /= np.linalg.norm(p, axis=-1, keepdims=True) + 1e-12
+            out[f"fit/student2/{lvl}/probe"] = float(np.mean(np.sum((yh - p) ** 2, -1)))
     for s in units[0]:
         for lvl in LEVELS:
             t = np.concatenate([u[s][lvl][0] for u in units]).reshape(-1, units[0][s][lvl][0].shape[-1])
@@ -133,7 +152,7 @@ def diagnose(model_name: str, workdir: str, category: str) -> dict:
     items = input_pipeline.test_items(source.root, category)
     maps: dict[str, list] = {}
     masks, defects, gates = [], [], {}
-    for inputs, (unit, att) in batches("test"):
+    for inputs, (unit, att, _) in batches("test"):
         masks.append(inputs["mask"])
         defects += [items[int(i)].defect for i in inputs["index"]]
         size = inputs["mask"].shape[1:3]
@@ -188,7 +207,8 @@ def print_tables(rows: list[dict]) -> None:
             g = r[k]
             print(f"| {r['model']} | {r['category']} | {k[5:]} | {_f(g['normal_mean'])} | {_f(g['defect_mean'])} "
                   f"| {_f(g['above_0.99'])} | {_f(g['below_0.01'])} | {_f(g['auroc'])} |")
-    print("\n## Fit on held-out normal images: loss (mean ||t^ - s^||^2) / best constant's\n")
+    print("\n## Fit on held-out normal images: loss (mean ||t^ - s^||^2) / best constant's "
+          "[/ ridge probe from teacher 1's layer4, student 2]\n")
     print("| model | category | " + " | ".join(f"{s} {lvl}" for s in ("s1", "s2") for lvl in LEVELS) + " |")
     print("|---" * 8 + "|")
     for r in rows:
@@ -196,7 +216,9 @@ def print_tables(rows: list[dict]) -> None:
         for s in ("student1", "student2"):
             for lvl in LEVELS:
                 loss, const = r.get(f"fit/{s}/{lvl}/loss"), r.get(f"fit/{s}/{lvl}/constant")
-                cells.append("–" if loss is None else f"{loss:.3f} / {const:.3f}")
+                probe = r.get(f"fit/{s}/{lvl}/probe")
+                cells.append("–" if loss is None else f"{loss:.3f} / {const:.3f}"
+                             + (f" / {probe:.3f}" if probe is not None else ""))
         print(f"| {r['model']} | {r['category']} | " + " | ".join(cells) + " |")
 
 
