@@ -120,17 +120,18 @@ def level_maps_figure(path: str | os.PathLike, image: np.ndarray,
                       mask: np.ndarray | None = None) -> Path:
     """One image's per-level maps: a row per student (and their sum, when more than one),
     a column per level; the first column shows the input (with the mask outline), the last
-    the final map. In each level's column the students share one colour scale (0 .. the
-    largest of their maps there), so that the rows show which student's map carries the
-    signal; the sum and the final map have their own."""
+    the final map. In each level's column the students share one colour scale (the smallest
+    to the largest value of their maps there), so that the rows show which student's map
+    carries the signal; the sum and the final map have their own."""
     rows = {s: dict(levels) for s, levels in level_maps.items()}
     if not rows:
         raise ValueError("level_maps_figure: level_maps is empty.")
     levels = list(dict.fromkeys(lvl for lv in rows.values() for lvl in lv))
     if len(rows) > 1:
         rows[SUM] = {lvl: np.asarray(m, np.float32) for lvl, m in sum_over_students(level_maps).items()}
-    vmax = {lvl: max(float(np.max(np.asarray(lv[lvl]))) for lv in level_maps.values() if lvl in lv)
-            for lvl in levels}
+    scale = {lvl: (min(float(np.min(np.asarray(lv[lvl]))) for lv in level_maps.values() if lvl in lv),
+                   max(float(np.max(np.asarray(lv[lvl]))) for lv in level_maps.values() if lvl in lv))
+             for lvl in levels}
     fig = Figure(figsize=(2.4 * (len(levels) + 2), 2.4 * len(rows)), dpi=80)
     axes = fig.subplots(len(rows), len(levels) + 2, squeeze=False)
     img = _as_display(image)
@@ -144,7 +145,8 @@ def level_maps_figure(path: str | os.PathLike, image: np.ndarray,
         for c, level in enumerate(levels, start=1):
             if level in maps:
                 ax[c].imshow(np.asarray(maps[level]), cmap=CMAP,
-                             **({"vmin": 0.0, "vmax": vmax[level] or 1.0} if shared else {}))
+                             **({"vmin": scale[level][0], "vmax": max(scale[level][1], scale[level][0] + 1e-12)}
+                                if shared else {}))
             ax[c].set_title(level if r == 0 else "", fontsize=9)
         if r == 0:
             ax[-1].imshow(np.asarray(final), cmap=CMAP)
