@@ -107,7 +107,7 @@ def diagnose(model_name: str, workdir: str, category: str) -> dict:
         pairs = feature_pairs(teacher, student)
         unit = jax.tree.map(lambda f: f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-12), pairs)
         att = attention_maps(sown["intermediates"]) if model.has_attention else {}
-        return unit, att, teacher["teacher1"]["layer4"]
+        return unit, att, teacher["teacher1"].get("layer4")  # student 2's input (RSTPM only)
 
     def batches(split):
         for b in input_pipeline.eval_dataset(source.root, category, split=split,
