@@ -1,11 +1,11 @@
 """A workdir trained with ``maps.fusion=normalized_multiply``: evaluation stores the held-out
 map statistics in thresholds.json, and predict, the jax export and the ONNX export apply the
-same maps (STPM on synthetic fabric, 64x64, 2 epochs)."""
+same maps (STPM on synthetic fabric, 64x64, 2 epochs). ONNX: through evaluation's artifact
+(``eval.backend=onnxruntime``), which ``export --format onnx`` shares."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -68,14 +68,6 @@ def test_predict_and_exports_apply_the_same_maps_as_evaluation(trained):
     # flax layers against the fast CPU convolutions: float32 noise, enlarged by the normalisation
     np.testing.assert_allclose(np.asarray(out["map"]), maps, rtol=1e-4, atol=1e-6 * float(maps.max()))
 
-    if importlib.util.find_spec("jax2onnx") and importlib.util.find_spec("onnxruntime"):
-        from rstpm_jax.deploy import runtime
-        path = str(base / "onnx" / "model.onnx")
-        sidecar = export.export_category_onnx(workdir, "fabric", path)
-        assert sidecar["map_statistics"] == saved["map_statistics"]
-        onnx_out = runtime.load_artifact(path, "onnxruntime", "f32")(images)
-        np.testing.assert_allclose(onnx_out["map"], maps, rtol=1e-3, atol=1e-4 * float(maps.max()))
-
 
 def test_a_workdir_without_statistics_is_refused_by_name(trained):
     base, workdir, _, _ = trained
@@ -89,3 +81,24 @@ def test_a_workdir_without_statistics_is_refused_by_name(trained):
         predict.Predictor(old, "fabric")
     with pytest.raises(ValueError, match="map_statistics"):
         export.export_category(old, "fabric", platforms=("cpu",))
+
+
+def test_evaluation_through_onnx_bakes_the_same_statistics(trained):
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+    from rstpm_jax import evaluate, sharding
+    from rstpm_jax import workdir as workdir_lib
+    from rstpm_jax.data.sources import Source
+
+    base, workdir, images, _ = trained
+    config = workdir_lib.load_config(workdir)
+    config.eval.backend = "onnxruntime"
+    mesh = sharding.make_mesh()
+    model, tv, sv = workdir_lib.load_trained(config, workdir, "fabric", mesh)
+    infer, deployment, stats = evaluate.evaluated_infer(config, Source(str(config.data.root)), "fabric", model,
+                                                        tv, sv, mesh, str(base / "eval_onnx"))
+    saved = json.load(open(os.path.join(workdir, "fabric", "thresholds.json")))
+    assert stats == saved["map_statistics"] == infer.meta["map_statistics"]
+    assert deployment["backend"] == "onnxruntime"
+    maps, _ = predict.Predictor(workdir, "fabric", batch_size=4)(images[:4])
+    np.testing.assert_allclose(infer(images[:4])["map"], maps, rtol=1e-3, atol=1e-4 * float(maps.max()))
