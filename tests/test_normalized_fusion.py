@@ -1,6 +1,6 @@
 """A workdir trained with ``maps.fusion=normalized_multiply``: evaluation stores the held-out
 map statistics in thresholds.json, and predict, the jax export and the ONNX export apply the
-same maps (STPM on synthetic fabric, 64x64, 2 epochs). ONNX: through evaluation's artifact
+same maps (STPM on synthetic fabric, 64x64, 1 epoch). ONNX: through evaluation's artifact
 (``eval.backend=onnxruntime``), which ``export --format onnx`` shares."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests import _train_helpers as h
 
 SIZE = 64
 TRAIN = ["--config.data.categories=fabric", "--config.model.random_teachers=True",
-         f"--config.data.image_size={SIZE}", "--config.train.batch_size=8", "--config.train.epochs=2",
+         f"--config.data.image_size={SIZE}", "--config.train.batch_size=8", "--config.train.epochs=1",
          "--config.data.holdout_fraction=0.25", "--config.eval.batch_size=8", "--config.eval.figures=False",
          "--config.train.select_epoch=last", "--config.maps.kwargs.q_low=0.8", "--config.maps.kwargs.q_high=0.99"]
 # STPM (fast) with configs/rstpm_normalized.py's fusion rule and quantile keys.
