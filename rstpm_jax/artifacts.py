@@ -121,7 +121,12 @@ def write_figures(fig_dir: str, evaluation: Evaluation) -> None:
         if e["levels"]:  # not from an exported artifact (map and score only)
             figures.level_maps_figure(os.path.join(fig_dir, f"levels_{d}.png"), image, e["levels"], e["map"],
                                       e["mask"])
-        if e["attention"]:
-            figures.attention_figure(os.path.join(fig_dir, f"attention_{d}.png"), image, e["attention"])
+        with_attention = [x for x in es if x["attention"]]
+        if with_attention:  # paper Fig. 5: every kept example of the defect type, a row each
+            figures.attention_grid(os.path.join(fig_dir, f"attention_{d}.png"),
+                                   np.stack([x["image"] for x in with_attention]),
+                                   [x["attention"] for x in with_attention],
+                                   np.stack([x["mask"] for x in with_attention]),
+                                   [x["name"] for x in with_attention])
     if evaluation.metrics.get("curves"):
         figures.roc_figure(os.path.join(fig_dir, "roc.png"), figures.metric_curves(evaluation.metrics))

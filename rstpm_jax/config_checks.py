@@ -111,6 +111,30 @@ def _check_kwargs(c: _Checker, key: str, fn: Callable, n_positional: int, kwargs
         c.problems.append(f"config.{key}={kwargs!r}: {e}; {getattr(fn, '__name__', fn)} takes {params}.")
 
 
+def _check_map_statistics(c: _Checker, fusion: Callable) -> None:
+    """A rule normalising by held-out quantiles: ``0 <= q_low < q_high <= 1``, held-out images."""
+    name = c.values.get("maps.fusion")
+    kwargs = dict(c.values.get("maps.kwargs") or {})
+    if "stats" in kwargs:
+        c.problems.append(f"config.maps.kwargs.stats: {name!r} computes its statistics from the held-out "
+                          "normal images; they cannot be set in the config.")
+    params = inspect.signature(fusion).parameters
+    q = {}
+    for key in ("q_low", "q_high"):
+        v = kwargs.get(key, params[key].default if key in params else None)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            c.problems.append(f"config.maps.kwargs.{key}={v!r}: must be a quantile in [0, 1] (maps.fusion="
+                              f"{name!r} normalises each map by its held-out {key} quantile).")
+        else:
+            q[key] = float(v)
+    if len(q) == 2 and not q["q_low"] < q["q_high"]:
+        c.problems.append(f"config.maps.kwargs.q_low={q['q_low']!r} must be below maps.kwargs.q_high="
+                          f"{q['q_high']!r}: each map m becomes (m - q_low) / (q_high - q_low).")
+    if c.values.get("data.holdout_fraction") == 0:
+        c.problems.append(f"config.data.holdout_fraction=0: maps.fusion={name!r} needs held-out normal "
+                          "images for its per-map statistics.")
+
+
 def _check_registries(c: _Checker, config: ml_collections.ConfigDict) -> None:
     def named(key: str, registry) -> Callable | None:
         name = c.values.get(key)
@@ -135,6 +159,8 @@ def _check_registries(c: _Checker, config: ml_collections.ConfigDict) -> None:
         _check_kwargs(c, "loss.kwargs", loss, 1, loss_kwargs)
     if fusion is not None:
         _check_kwargs(c, "maps.kwargs", fusion, 1, dict(c.values.get("maps.kwargs") or {}))
+        if anomaly_maps.needs_map_statistics(fusion):
+            _check_map_statistics(c, fusion)
     if distance is not None:
         _check_kwargs(c, "maps.distance_kwargs", distance, 2, dict(c.values.get("maps.distance_kwargs") or {}))
     if not c.problems:  # the arguments must also be hashable (bound by value)

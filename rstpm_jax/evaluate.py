@@ -20,13 +20,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rstpm_jax import metrics, sharding
+from rstpm_jax import anomaly_maps, metrics, sharding
 from rstpm_jax import workdir as workdir_lib
 from rstpm_jax.anomaly_maps import MapSpec
 from rstpm_jax.data.sources import Source
 from rstpm_jax.data.tiling import Stitcher, TileSpec
 from rstpm_jax.deploy.runtime import Artifact
-from rstpm_jax.inference import compiled_infer
+from rstpm_jax.inference import bind_stats, compiled_infer
 from rstpm_jax.models.rstpm import RSTPM
 
 NUM_FIGURE_EXAMPLES = 4  # per defect type
@@ -144,12 +144,33 @@ def compute_thresholds(config: ml_collections.ConfigDict, source: Source, catego
                               "scale": image_threshold}}
 
 
+def compute_map_statistics(config: ml_collections.ConfigDict, source: Source, category: str, infer,
+                           teacher_vars: Any, student_vars: Any, mesh: jax.sharding.Mesh) -> dict | None:
+    """The ``"map_statistics"`` record of ``thresholds.json`` when ``maps.fusion`` needs it (else
+    None): per student and level the ``maps.kwargs`` ``q_low``/``q_high`` quantiles of that map
+    over the held-out normal images only (an extra pass; ``infer`` a compiled one with levels)."""
+    spec = MapSpec.from_config(config.maps)
+    if not anomaly_maps.needs_map_statistics(spec.fusion):
+        return None
+    kwargs = dict(spec.fusion.kwargs)
+    q = (float(kwargs.get("q_low", 0.9)), float(kwargs.get("q_high", 0.995)))
+    levels = (out["levels"] for _, out in run_split(config, source, category, "holdout", infer,
+                                                    teacher_vars, student_vars, mesh))
+    try:
+        maps = anomaly_maps.map_statistics(levels, *q)
+    except ValueError as e:
+        raise ValueError(f"{category}: maps.fusion={spec.fusion.name!r}: {e}") from e
+    return {"fusion": spec.fusion.name, "quantiles": list(q), "split": "holdout", "maps": maps}
+
+
 def evaluated_infer(config: ml_collections.ConfigDict, source: Source, category: str, model: RSTPM,
                     teacher_vars: Any, student_vars: Any, mesh: jax.sharding.Mesh,
-                    artifact_dir: str | None = None) -> tuple[Any, dict]:
-    """What ``eval.backend``/``eval.precision`` evaluates (``run_split``'s ``infer``) and a
-    record of it: the in-process model (jax; bf16 = ``model.dtype`` bfloat16) or an exported
-    artifact (exported into ``artifact_dir`` unless ``eval.artifact`` names one)."""
+                    artifact_dir: str | None = None) -> tuple[Any, dict, dict | None]:
+    """What ``eval.backend``/``eval.precision`` evaluates (``run_split``'s ``infer``), a
+    record of it and the held-out map statistics (:func:`compute_map_statistics`, already
+    bound into ``infer``): the in-process model (jax; bf16 = ``model.dtype`` bfloat16) or an
+    exported artifact (exported into ``artifact_dir``, the statistics baked in, unless
+    ``eval.artifact`` names one)."""
     backend, precision = eval_backend(config)
     if backend == "jax":
         if precision not in ("f32", "bf16"):
@@ -162,14 +183,21 @@ def evaluated_infer(config: ml_collections.ConfigDict, source: Source, category:
         tiled = TileSpec.from_config(config.data) is not None
         with_attention = bool(config.eval.figures) and model.has_attention and not tiled
         infer = compiled_infer(model, MapSpec.from_config(config.maps), mesh, with_attention=with_attention)
-        return infer, {"backend": backend, "precision": precision}
+        stats = compute_map_statistics(config, source, category, infer, teacher_vars, student_vars, mesh)
+        return (bind_stats(infer, anomaly_maps.stats_arrays(stats)), {"backend": backend, "precision": precision},
+                stats)
     from rstpm_jax.deploy import artifact  # noqa: PLC0415 (onnx, onnxruntime / openvino)
 
+    stats = compute_map_statistics(config, source, category, compiled_infer(model, MapSpec.from_config(
+        config.maps), mesh), teacher_vars, student_vars, mesh)
     exported = artifact.evaluation_artifact(config, source.root, source.tfds_dir, category, teacher_vars,
-                                            student_vars, backend, precision, artifact_dir)
+                                            student_vars, backend, precision, artifact_dir, stats)
+    if stats is not None and exported.meta.get("map_statistics") != stats:
+        raise ValueError(f"eval.artifact {config.eval.get('artifact')!r} was exported with other map statistics than "
+                         f"{category}'s held-out images give; export it again from this workdir.")
     return exported, {"backend": backend, "precision": precision,
                       "artifact": {k: exported.meta.get(k) for k in ("format", "opset", "files", "sha256",
-                                                                     "int8", "versions")}}
+                                                                     "int8", "versions")}}, stats
 
 
 def evaluate_category(config: ml_collections.ConfigDict, source: Source, category: str,
@@ -183,9 +211,11 @@ def evaluate_category(config: ml_collections.ConfigDict, source: Source, categor
     t0 = time.time()
     figures = bool(config.eval.figures)
     # One compiled function (or artifact) for both splits; the gates' maps are kept for the figures.
-    infer, deployment = evaluated_infer(config, source, category, model, teacher_vars, student_vars, mesh,
-                                        artifact_dir)
+    infer, deployment, stats = evaluated_infer(config, source, category, model, teacher_vars, student_vars,
+                                               mesh, artifact_dir)
     thresholds = compute_thresholds(config, source, category, infer, teacher_vars, student_vars, mesh)
+    if stats is not None:
+        thresholds["map_statistics"] = stats  # predict and export apply the same maps
     acc = metrics.MetricsAccumulator(max_fpr=float(config.eval.pro_max_fpr))
     result = Evaluation(category, thresholds, 0, deployment=deployment)
     items = input_pipeline.test_items(source.root, category, source.tfds_dir)

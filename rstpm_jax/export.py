@@ -73,7 +73,7 @@ def export_category(workdir: str, category: str, platforms: Sequence[str] = DEFA
     """Trace and lower the trained ``category``'s inference function; returns it and its metadata."""
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from rstpm_jax.anomaly_maps import MapSpec  # noqa: PLC0415
+    from rstpm_jax.anomaly_maps import MapSpec, require_map_statistics, stats_arrays  # noqa: PLC0415
     from rstpm_jax.deploy import artifact  # noqa: PLC0415
     from rstpm_jax.inference import make_infer_fn  # noqa: PLC0415
 
@@ -83,9 +83,11 @@ def export_category(workdir: str, category: str, platforms: Sequence[str] = DEFA
     workdir, config, thresholds, model, teacher_vars, student_vars, step = _trained(
         workdir, category, image_threshold, pixel_threshold, "bfloat16" if precision == "bf16" else None)
     infer = make_infer_fn(model, MapSpec.from_config(config.maps), with_levels=False)
+    require_map_statistics(config.maps, thresholds.get("map_statistics"))
+    stats = stats_arrays(thresholds.get("map_statistics"))  # constants of the artifact
 
     def fn(images):
-        out = infer(teacher_vars, student_vars, images)
+        out = infer(teacher_vars, student_vars, images, stats)
         return {"map": out["map"].astype(jnp.float32), "score": out["score"].astype(jnp.float32)}
 
     meta = artifact.base_meta(config, category, workdir, thresholds, precision, step)

@@ -5,7 +5,8 @@
   final map (paper Figs 2, 5, 6).
 - :func:`roc_figure`: ROC (or PRO) curves with their areas; :func:`metric_curves` picks
   them from ``MetricsAccumulator.compute()``'s result.
-- :func:`attention_figure`: one image's attention maps per student and level (paper Fig. 5).
+- :func:`attention_figure`: one image's attention maps per student and level (paper Fig. 5);
+  :func:`attention_grid`: a few images of one defect type, a row each.
 """
 
 from __future__ import annotations
@@ -119,17 +120,23 @@ def level_maps_figure(path: str | os.PathLike, image: np.ndarray,
                       mask: np.ndarray | None = None) -> Path:
     """One image's per-level maps: a row per student (and their sum, when more than one),
     a column per level; the first column shows the input (with the mask outline), the last
-    the final map. Each map has its own colour scale."""
+    the final map. In each level's column the students share one colour scale (the smallest
+    to the largest value of their maps there), so that the rows show which student's map
+    carries the signal; the sum and the final map have their own."""
     rows = {s: dict(levels) for s, levels in level_maps.items()}
     if not rows:
         raise ValueError("level_maps_figure: level_maps is empty.")
     levels = list(dict.fromkeys(lvl for lv in rows.values() for lvl in lv))
     if len(rows) > 1:
         rows[SUM] = {lvl: np.asarray(m, np.float32) for lvl, m in sum_over_students(level_maps).items()}
+    scale = {lvl: (min(float(np.min(np.asarray(lv[lvl]))) for lv in level_maps.values() if lvl in lv),
+                   max(float(np.max(np.asarray(lv[lvl]))) for lv in level_maps.values() if lvl in lv))
+             for lvl in levels}
     fig = Figure(figsize=(2.4 * (len(levels) + 2), 2.4 * len(rows)), dpi=80)
     axes = fig.subplots(len(rows), len(levels) + 2, squeeze=False)
     img = _as_display(image)
     for r, (student, maps) in enumerate(rows.items()):
+        shared = student != SUM
         ax = axes[r]
         ax[0].imshow(img)
         if mask is not None and np.any(np.asarray(mask) >= 0.5):
@@ -137,7 +144,9 @@ def level_maps_figure(path: str | os.PathLike, image: np.ndarray,
         ax[0].set_ylabel(student, fontsize=9)
         for c, level in enumerate(levels, start=1):
             if level in maps:
-                ax[c].imshow(np.asarray(maps[level]), cmap=CMAP)
+                ax[c].imshow(np.asarray(maps[level]), cmap=CMAP,
+                             **({"vmin": scale[level][0], "vmax": max(scale[level][1], scale[level][0] + 1e-12)}
+                                if shared else {}))
             ax[c].set_title(level if r == 0 else "", fontsize=9)
         if r == 0:
             ax[-1].imshow(np.asarray(final), cmap=CMAP)
@@ -214,5 +223,33 @@ def attention_figure(path: str | os.PathLike, image: np.ndarray,
                 axes[r][c].imshow(np.asarray(maps[level]), cmap="viridis", vmin=0, vmax=1)
             axes[r][c].set_title(level if r == 0 else "", fontsize=9)
         for a in axes[r]:
+            _axes_off(a)
+    return _save(fig, path)
+
+
+def attention_grid(path: str | os.PathLike, images: np.ndarray,
+                   attention: Sequence[Mapping[str, Mapping[str, np.ndarray]]],
+                   masks: np.ndarray | None = None, titles: Sequence[str] | None = None) -> Path:
+    """Paper Fig. 5 for a few images (of one defect type): a row per image, its input (mask
+    outlined) then each gate's attention map (values in [0, 1]), a column per student and level."""
+    if not len(images) or len(attention) != len(images):
+        raise ValueError(f"attention_grid: {len(images)} images, {len(attention)} attention maps.")
+    columns = list(dict.fromkeys((s, lvl) for att in attention for s, lv in att.items() for lvl in lv))
+    if not columns:
+        raise ValueError("attention_grid: no attention maps given.")
+    fig = Figure(figsize=(2.0 * (len(columns) + 1), 2.1 * len(images)), dpi=80)
+    axes = fig.subplots(len(images), len(columns) + 1, squeeze=False)
+    for r, (image, att) in enumerate(zip(images, attention)):
+        ax = axes[r]
+        ax[0].imshow(_as_display(image))
+        if masks is not None and np.any(np.asarray(masks[r]) >= 0.5):
+            ax[0].contour(np.asarray(masks[r]) >= 0.5, levels=[0.5], colors="red", linewidths=1)
+        ax[0].set_ylabel(titles[r] if titles is not None else f"#{r}", fontsize=8)
+        for c, (student, level) in enumerate(columns, start=1):
+            if level in att.get(student, {}):
+                ax[c].imshow(np.asarray(att[student][level]), cmap="viridis", vmin=0, vmax=1)
+            if r == 0:
+                ax[c].set_title(f"{student}\n{level}", fontsize=8)
+        for a in ax:
             _axes_off(a)
     return _save(fig, path)

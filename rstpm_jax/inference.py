@@ -17,20 +17,21 @@ from rstpm_jax.models.rstpm import RSTPM, attention_maps, feature_pairs
 from rstpm_jax.ops import compile_options
 
 Array = jax.Array
-InferFn = Callable[[Any, Any, Array], dict[str, Any]]
+InferFn = Callable[..., dict[str, Any]]
 
 
 def make_infer_fn(model: RSTPM, spec: MapSpec, with_levels: bool = True,
                   with_attention: bool = False) -> InferFn:
-    """``fn(teacher_vars, student_vars, images) -> {"map", "score"[, "levels"][, "attention"]}``
-    (pure, jittable); ``attention`` needs a model with gates."""
+    """``fn(teacher_vars, student_vars, images, stats=None) -> {"map", "score"[, "levels"][,
+    "attention"]}`` (pure, jittable); ``attention`` needs a model with gates; ``stats``: the
+    held-out map statistics of a fusion rule that needs them (``anomaly_maps.stats_arrays``)."""
 
-    def infer(teacher_vars: Any, student_vars: Any, images: Array) -> dict[str, Any]:
+    def infer(teacher_vars: Any, student_vars: Any, images: Array, stats: Any = None) -> dict[str, Any]:
         teacher = model.teacher_features(teacher_vars, images)
         student, sown = model.student_features(student_vars, images, teacher, train=False,
                                                capture_attention=with_attention)
         final, levels = anomaly_maps.anomaly_maps(feature_pairs(teacher, student),
-                                                  images.shape[1:3], spec)
+                                                  images.shape[1:3], spec, stats)
         out = {"map": final, "score": anomaly_maps.image_score(final)}
         if with_levels:
             out["levels"] = levels
@@ -44,8 +45,22 @@ def make_infer_fn(model: RSTPM, spec: MapSpec, with_levels: bool = True,
 @functools.lru_cache(maxsize=8)
 def compiled_infer(model: RSTPM, spec: MapSpec, mesh: jax.sharding.Mesh, with_levels: bool = True,
                    with_attention: bool = False) -> Callable:
-    """:func:`make_infer_fn` jitted over ``mesh``: variables replicated, images and outputs
-    batch-sharded (memoised, so every category of a run shares one compiled function)."""
+    """:func:`make_infer_fn` jitted over ``mesh``: variables and statistics replicated, images
+    and outputs batch-sharded (memoised, so every category of a run shares one compiled
+    function; the statistics are an argument, not a constant)."""
     repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    return compile_options.jit(make_infer_fn(model, spec, with_levels, with_attention),
-                               in_shardings=(repl, repl, batch), out_shardings=batch)
+    jitted = compile_options.jit(make_infer_fn(model, spec, with_levels, with_attention),
+                                 in_shardings=(repl, repl, batch, repl), out_shardings=batch)
+
+    def call(teacher_vars: Any, student_vars: Any, images: Array, stats: Any = None) -> dict[str, Any]:
+        return jitted(teacher_vars, student_vars, images, stats)
+
+    return call
+
+
+def bind_stats(infer: Callable, stats: Any) -> Callable:
+    """``infer(teacher_vars, student_vars, images)`` with the map statistics given (``None``:
+    ``infer`` itself)."""
+    if stats is None:
+        return infer
+    return lambda teacher_vars, student_vars, images: infer(teacher_vars, student_vars, images, stats)

@@ -200,6 +200,8 @@ def resolve_thresholds(workdir: str, category: str, image_threshold: float | Non
         else:
             raise ValueError(f"No {key}: {cat_dir}/thresholds.json lacks it (trained with "
                              "data.holdout_fraction=0, or not evaluated yet); pass --" + key + ".")
+    if saved.get("map_statistics"):  # the fusion rule's held-out statistics (maps.fusion normalized_*)
+        out["map_statistics"] = saved["map_statistics"]
     scale = (saved.get("normalization") or {}).get("scale", saved.get("image_threshold"))
     out["normalization"] = {"normalized_score": "score / scale",
                             "scale": float(scale if scale is not None else out["image_threshold"]),
@@ -241,8 +243,8 @@ class Predictor:
 
         from rstpm_jax import sharding  # noqa: PLC0415
         from rstpm_jax import workdir as workdir_lib  # noqa: PLC0415
-        from rstpm_jax.anomaly_maps import MapSpec  # noqa: PLC0415
-        from rstpm_jax.inference import compiled_infer  # noqa: PLC0415
+        from rstpm_jax.anomaly_maps import MapSpec, require_map_statistics, stats_arrays  # noqa: PLC0415
+        from rstpm_jax.inference import bind_stats, compiled_infer  # noqa: PLC0415
 
         if precision not in runtime.SUPPORTED["jax"]:
             raise ValueError(f"--backend jax runs {runtime.SUPPORTED['jax']}, not {precision!r}.")
@@ -259,7 +261,10 @@ class Predictor:
         self.batch_size = -(-max(1, int(batch_size)) // n_dev) * n_dev  # a multiple of the devices
         model, self.teacher_vars, self.student_vars = workdir_lib.load_trained(
             self.config, workdir, category, mesh)
-        self._fn = compiled_infer(model, MapSpec.from_config(self.config.maps), mesh, with_levels=False)
+        stats = _read_json(os.path.join(workdir, category, "thresholds.json")).get("map_statistics")
+        require_map_statistics(self.config.maps, stats)
+        self._fn = bind_stats(compiled_infer(model, MapSpec.from_config(self.config.maps), mesh,
+                                             with_levels=False), stats_arrays(stats))
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, h, w, 3) normalised images, n <= batch_size -> maps (n, h, w), scores (n,)."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from rstpm_jax import paper_results as paper
 from rstpm_jax.levels import COMPARED as LEVELS
-from rstpm_jax.levels import FRACTIONS
+from rstpm_jax.levels import FRACTIONS, SUM
 
 MISSING = "–"
 
@@ -237,10 +237,23 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     lvl_keys = ([f"per_level/sum/{lvl}/pixel_auroc" for lvl in LEVELS] + ["pixel_auroc"]
                 + [f"per_level/sum/{lvl}/image_auroc" for lvl in LEVELS] + ["image_auroc"])
     has_levels = any(k in r for r in rows for k in lvl_keys[:3])
-    lvl_body = [[paper.category_group(r["category"]), r["category"]]
-                + (["**FAILED**"] * len(lvl_keys) if is_failed(r) else [_fmt(_value(r, k)) for k in lvl_keys])
-                for r in rows]
+    # Each student's own maps below the sum (which of the six maps carry the signal).
+    students = sorted({k.split("/")[1] for r in rows for k in r
+                       if k.startswith("per_level/") and k.count("/") == 3 and k.split("/")[1] != SUM})
+
+    def student_keys(student: str) -> list[str]:
+        return [k.replace(f"/{SUM}/", f"/{student}/") if k.startswith("per_level/") else "" for k in lvl_keys]
+
+    lvl_body = []
+    for r in rows:
+        lvl_body.append([paper.category_group(r["category"]), r["category"]]
+                        + (["**FAILED**"] * len(lvl_keys) if is_failed(r) else [_fmt(_value(r, k)) for k in lvl_keys]))
+        if not is_failed(r):
+            lvl_body += [["", f"↳ {s}"] + [_fmt(_value(r, k)) if k else MISSING for k in student_keys(s)]
+                         for s in students if any(k in r for k in student_keys(s) if k)]
     lvl_body.append(["", mean_label] + [_fmt(mean.get(k)) for k in lvl_keys])
+    lvl_body += [["", f"↳ {s}"] + [_fmt(mean.get(k)) if k else MISSING for k in student_keys(s)]
+                 for s in students]
     for model, name in (("rstpm", "paper RSTPM (mean of 15)"), ("stpm", "paper STPM (mean of 15)")):
         vals = [paper.PER_RESOLUTION[m][model][lvl] for m in ("pixel_auroc", "image_auroc")
                 for lvl in (*LEVELS, "final")]
@@ -252,7 +265,9 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     md += ["## AUROC at each resolution (paper Table 3)", ""]
     if has_levels:
         md += ["Each resolution's map is the students' maps at that resolution added; "
-               "\"multi\" is the final (fused) map.", ""]
+               "\"multi\" is the final (fused) map." + (" The \"↳\" rows below a category (and below the "
+                                                         "mean) are each student's own maps." if students else ""),
+               ""]
         md += _md_table(lvl_header, lvl_body) + [""]
     else:
         md += ["No per-level metrics in these results.", ""]

@@ -45,7 +45,7 @@ CASES = [
     ("data.image_size", 50, "config.data.image_size=50: must be a positive multiple of 32"),
     ("data.image_size", 0, "config.data.image_size=0: must be a positive multiple of 32"),
     ("maps.fusion", "mul", "config.maps.fusion='mul': not a registered fusion rule; registered: "
-                           "['multiply', 'sum'] (did you mean 'multiply'?)"),
+                           "['multiply', 'normalized_multiply', 'normalized_sum', 'sum'] (did you mean 'multiply'?)"),
     ("maps.distance", "l2", "config.maps.distance='l2': not a registered distance"),
     ("loss.name", "papr", "config.loss.name='papr': not a registered loss"),
     ("train.momentum", -0.1, "config.train.momentum=-0.1: must be >= 0"),

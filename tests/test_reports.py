@@ -199,3 +199,31 @@ def test_summary_marks_a_failed_category_and_keeps_the_others(tmp_path):
     assert table["cable"]["pixel_auroc"] == "" and table["carpet"]["status"] == "ok"
     assert float(table["mean"]["pixel_auroc"]) == pytest.approx(ours)
     assert table["mean"]["error"] == "1 failed"
+
+
+def test_per_resolution_table_has_a_row_per_student(tmp_path):
+    rows = [_row("fabric", 1), _row("mesh", 2)]
+    for r, (a, b) in zip(rows, ((0.91, 0.31), (0.92, 0.32))):
+        for lvl in ("layer1", "layer2", "layer3"):
+            r[f"per_level/student1/{lvl}/pixel_auroc"], r[f"per_level/student2/{lvl}/pixel_auroc"] = a, b
+            r[f"per_level/student1/{lvl}/image_auroc"], r[f"per_level/student2/{lvl}/image_auroc"] = a, b
+    md = reports.write_summary(tmp_path, rows)[0].read_text()
+    table3 = md[md.index("paper Table 3"):].splitlines()
+    s2 = [line for line in table3 if "↳ student2" in line]
+    assert len(s2) == 3 and len([line for line in table3 if "↳ student1" in line]) == 3  # 2 categories + mean
+    assert s2[0].count("0.310") == 6 and "0.315" in s2[-1]  # per level pixel and image; the mean
+    assert table3.index(next(line for line in table3 if "| fabric |" in line)) + 1 == table3.index(
+        next(line for line in table3 if "↳ student1" in line))
+    assert "↳" not in reports.write_summary(tmp_path / "sum_only", [_row("fabric", 1)])[0].read_text()
+
+
+def test_attention_grid_a_row_per_image(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+    att = [{s: {lvl: rng.random((32 // f, 32 // f)) for lvl, f in (("layer1", 4), ("layer2", 8), ("layer3", 16))}
+            for s in ("student1", "student2")} for _ in range(3)]
+    masks = np.zeros((3, 32, 32))
+    masks[1, 4:12, 4:12] = 1
+    _check_png(figures.attention_grid(tmp_path / "att.png", images, att, masks, ["a", "b", "c"]))
+    with pytest.raises(ValueError, match="attention_grid"):
+        figures.attention_grid(tmp_path / "bad.png", images, att[:2])

@@ -20,7 +20,7 @@ import numpy as np
 
 from rstpm_jax import checkpoints
 from rstpm_jax import workdir as workdir_lib
-from rstpm_jax.anomaly_maps import MapSpec
+from rstpm_jax.anomaly_maps import MapSpec, require_map_statistics, stats_arrays
 from rstpm_jax.data import input_pipeline, mvtec, preprocess
 from rstpm_jax.data.tiling import TileSpec, model_input_size, tile_image
 from rstpm_jax.deploy import runtime
@@ -65,6 +65,8 @@ def base_meta(config: ml_collections.ConfigDict, category: str, workdir: str | N
     if thresholds is not None:
         meta["thresholds"] = thresholds
         meta["normalization"] = thresholds["normalization"]
+        if thresholds.get("map_statistics"):
+            meta["map_statistics"] = thresholds["map_statistics"]  # baked into the graph
     return meta
 
 
@@ -85,7 +87,9 @@ def export_onnx_artifact(config: ml_collections.ConfigDict, teacher_vars: Any, s
                          opset: int | None = None) -> dict:
     """Write the trained model's ONNX graph to ``path``, with ``calibration`` images also its
     OpenVINO int8 model (``<stem>.int8.xml``/``.bin``), and the sidecar ``path + ".json"``
-    (``meta`` plus the format, files, precisions and versions). Returns the sidecar."""
+    (``meta`` plus the format, files, precisions and versions). Returns the sidecar.
+    ``meta["map_statistics"]`` (a fusion rule's held-out statistics) is baked into the graph."""
+    require_map_statistics(config.maps, meta.get("map_statistics"))
     from rstpm_jax.deploy import onnx_export  # noqa: PLC0415 (jax2onnx)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
@@ -93,7 +97,7 @@ def export_onnx_artifact(config: ml_collections.ConfigDict, teacher_vars: Any, s
     opset = int(opset or onnx_export.DEFAULT_OPSET)
     t0 = time.time()
     onnx_export.export_trained(config.model, MapSpec.from_config(config.maps), teacher_vars, student_vars,
-                               size, path, opset)
+                               size, path, opset, stats=stats_arrays(meta.get("map_statistics")))
     meta = {**meta, "format": ONNX_FORMAT, "opset": opset, "compute_dtype": "float32",
             "precision": "f32", "files": {"onnx": os.path.basename(path)},
             "precisions": {"onnxruntime": ["f32"], "openvino": ["f32", "bf16"]},
@@ -160,7 +164,8 @@ def workdir_artifact(workdir: str, category: str, config: ml_collections.ConfigD
     key = _config_key(config)
     meta = runtime.read_sidecar(path)
     if (os.path.isfile(path) and meta.get("checkpoint_step") == step and meta.get("config_key") == key
-            and precision in sum(meta.get("precisions", {}).values(), [])):
+            and precision in sum(meta.get("precisions", {}).values(), [])
+            and meta.get("map_statistics") == thresholds.get("map_statistics")):
         return path
     from rstpm_jax import sharding  # noqa: PLC0415
 
@@ -191,7 +196,7 @@ def _tfds_dir(config: ml_collections.ConfigDict) -> str | None:
 
 def evaluation_artifact(config: ml_collections.ConfigDict, root: str, data_dir: str | None, category: str,
                         teacher_vars: Any, student_vars: Any, backend: str, precision: str,
-                        directory: str | None) -> runtime.Artifact:
+                        directory: str | None, map_statistics: dict | None = None) -> runtime.Artifact:
     """The artifact ``eval.backend``/``eval.precision`` evaluates: ``eval.artifact`` (its
     ``{category}`` replaced) when set, else the trained model exported now into ``directory``
     (a temporary folder when None), int8 calibrated on the category's held-out normal images."""
@@ -204,8 +209,10 @@ def evaluation_artifact(config: ml_collections.ConfigDict, root: str, data_dir: 
     else:
         path = os.path.join(directory or tempfile.mkdtemp(prefix="rstpm_eval_"), "model.onnx")
         calibration = calibration_images(config, root, category, data_dir) if precision == "int8" else None
-        export_onnx_artifact(config, teacher_vars, student_vars, path,
-                             base_meta(config, category, None, None), calibration)
+        meta = base_meta(config, category, None, None)
+        if map_statistics is not None:
+            meta["map_statistics"] = map_statistics
+        export_onnx_artifact(config, teacher_vars, student_vars, path, meta, calibration)
     model = runtime.load_artifact(path, backend, precision)
     want = (model_input_size(config.data),) * 2
     if model.input_size != want:

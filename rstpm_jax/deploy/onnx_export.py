@@ -257,10 +257,11 @@ def export_onnx(fn: Callable[[Array], dict[str, Any]], image_size: tuple[int, in
 
 def export_trained(model_cfg: Any, spec: MapSpec, teacher_vars: Any, student_vars: Any,
                    image_size: tuple[int, int], path: str | None = None, opset: int = DEFAULT_OPSET,
-                   optimize: bool = True) -> Any:
+                   optimize: bool = True, stats: Any = None) -> Any:
     """:func:`export_onnx` of ``make_infer_fn`` over :func:`export_model` and
-    :func:`export_spec`, the variables (the trained model's) closed over as constants."""
+    :func:`export_spec`, the variables (the trained model's) and the fusion rule's held-out
+    map statistics (``anomaly_maps.stats_arrays``, if it needs them) closed over as constants."""
     teacher_vars, student_vars = jax.device_get((teacher_vars, student_vars))
     infer = make_infer_fn(export_model(model_cfg), export_spec(spec), with_levels=False)
-    return export_onnx(lambda images: infer(teacher_vars, student_vars, images), image_size, path,
+    return export_onnx(lambda images: infer(teacher_vars, student_vars, images, stats), image_size, path,
                        opset, optimize=optimize)
