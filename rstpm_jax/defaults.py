@@ -102,8 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Devices per job; "auto": 1 on one host; on several, all devices used with the fewest
     # padding jobs.
     config.mesh.data = "auto"
-    # How a device runs its jobs: "vmap" (one batched program), "map" (one after another);
-    # "auto": map on CPU (batched convolutions over stacked weights are slower there), else vmap.
+    # How a device runs its jobs: "vmap" (one batched program), "unroll" (one after another,
+    # written out), "map" (one after another in a loop; on CPU a loop slows convolutions ~15x);
+    # "auto": unroll on CPU (batched convolutions over stacked weights are slower there), else vmap.
     config.mesh.stack = "auto"
 
     config.distributed = ml_collections.ConfigDict()

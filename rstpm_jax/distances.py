@@ -26,7 +26,9 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     """Eq. 1: features divided by their L2 norm along channels (as torch F.normalize)."""
     x = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    # A product with the reciprocal, not a division: XLA rewrites a division so only on some
+    # meshes, and then one job trained on N devices would differ from it on 1 by an ulp.
+    return x * (1.0 / jnp.maximum(norm, eps))
 
 
 @register_distance("squared_l2")

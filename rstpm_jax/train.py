@@ -73,24 +73,26 @@ def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feat
     return state, metrics
 
 
-STACKS = ("auto", "map", "vmap")
+STACKS = ("auto", "unroll", "map", "vmap")
 
 
 def stack_mode(mode: str = "auto") -> str:
-    """How a device runs its slots: ``vmap`` (one batched program; accelerators) or ``map`` (one
-    slot after another; on CPU, where batched convolutions over stacked weights are slower)."""
+    """How a device runs its slots: ``vmap`` (one batched program; accelerators), ``unroll``
+    (one slot after another, written out: CPU, where batched convolutions over stacked weights
+    are slower) or ``map`` (one after another in a loop: compiles once for any number of slots,
+    but on XLA:CPU a convolution inside a loop runs ~15x slower than outside one)."""
     if mode not in STACKS:
         raise ValueError(f"config.mesh.stack must be one of {STACKS}, got {mode!r}.")
     if mode == "auto":
-        return "map" if jax.default_backend() == "cpu" else "vmap"
+        return "unroll" if jax.default_backend() == "cpu" else "vmap"
     return mode
 
 
 def group_step(states: TrainState, teacher_vars: Any, images: Array, valid: Array, active: Array,
                teacher_feats: Any = None, *, model: RSTPM, loss_fn: Callable, shared_teachers: bool,
                stack: str = "vmap") -> tuple[TrainState, dict[str, Array]]:
-    """``train_step`` of every slot (the leading axis), vmapped or mapped (``stack``); a slot
-    that is not ``active``, or whose step is not finite, keeps its state."""
+    """``train_step`` of every slot (the leading axis), vmapped, unrolled or mapped (``stack``);
+    a slot that is not ``active``, or whose step is not finite, keeps its state."""
     def one(state, tv, x, v, a, feats):
         new, metrics = train_step(state, teacher_vars if shared_teachers else tv, x, feats, v,
                                   model=model, loss_fn=loss_fn)
@@ -99,9 +101,13 @@ def group_step(states: TrainState, teacher_vars: Any, images: Array, valid: Arra
         return new, metrics
 
     tv = None if shared_teachers else teacher_vars
+    args = (states, tv, images, valid, active, teacher_feats)
+    if stack == "unroll":
+        outs = [one(*jax.tree.map(lambda x, i=i: x[i], args)) for i in range(active.shape[0])]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     if stack == "map":
-        return jax.lax.map(lambda args: one(*args), (states, tv, images, valid, active, teacher_feats))
-    return jax.vmap(one)(states, tv, images, valid, active, teacher_feats)
+        return jax.lax.map(lambda a: one(*a), args)
+    return jax.vmap(one)(*args)
 
 
 @functools.lru_cache(maxsize=8)

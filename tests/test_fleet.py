@@ -123,3 +123,47 @@ def test_a_group_too_big_for_memory_trains_in_chunks(data, tmp_path, monkeypatch
     assert "training them in 2 chunks" in caplog.text
     for c in ("button", "mesh"):
         assert os.listdir(os.path.join(str(tmp_path), c, "checkpoints"))
+
+
+BITWISE = r"""
+import json, sys
+import jax
+import numpy as np
+sys.path.insert(0, sys.argv[1] + "/benchmarks")
+from throughput import Bench
+from configs import stpm
+from rstpm_jax import fleet, sharding, train
+size, batch, n, steps = 32, 8, 3, 3
+b = Bench.create(stpm.get_config(), image_size=size, batch_size=batch, dtype="float32")
+rng = np.random.default_rng(2)
+xs = rng.standard_normal((steps, n, batch, size, size, 3)).astype(np.float32)
+stk = jax.tree.map(lambda a: np.stack([a] * n), b.state)
+like = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32),
+        "valid": jax.ShapeDtypeStruct((batch,), np.float32)}
+def go(mesh):
+    lay = fleet.make_layout(n, batch, mesh)
+    step = train.compile_group_step(b.model, b.loss_fn, lay.mesh, False, True)
+    states, metrics = fleet.put_slots(stk, lay), []
+    for t in range(steps):
+        valid = np.ones(batch, np.float32)
+        valid[-2:] = 0 if t == 1 else 1  # a padded (partial) batch too
+        host = {s: {"image": xs[t, s][lo:hi], "valid": valid[lo:hi]} for s, (lo, hi) in lay.local_rows().items()}
+        arr = fleet.put_batches(host, like, lay)
+        states, m = step(states, sharding.replicate(b.teachers, lay.mesh), arr["image"], arr["valid"],
+                         fleet.put_slots(np.ones(n, bool), lay))
+        metrics.append(jax.device_get(m))
+    return jax.tree.leaves(jax.device_get((states.params, states.batch_stats, states.opt_state, metrics)))
+one, three = go({"model": "1", "data": "1"}), go({"model": "3", "data": "1"})
+print("RESULT", json.dumps({"leaves": len(one), "equal": sum(bool(np.array_equal(x, y)) for x, y in zip(one, three)),
+                            "max_abs": max(float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip(one, three))}))
+"""
+
+
+def test_one_job_per_device_is_bitwise_the_jobs_stacked_on_one(jax_cache):
+    """float32, 3 jobs, 3 steps (one padded batch): one job per device on a 3 x 1 mesh gives
+    bitwise the states and metrics of the 3 jobs stacked on one device. (A job's batch split
+    over ``data`` devices sums in another order, so only ``data=1`` layouts can be bitwise.)
+    This is what makes a pod run of one job per chip reproduce a one-device run exactly."""
+    out = h.run([h.sys.executable, "-c", BITWISE, h.REPO], h.env(jax_cache, devices=3), timeout=600).stdout
+    result = json.loads(out.split("RESULT", 1)[1])
+    assert result["equal"] == result["leaves"], result
