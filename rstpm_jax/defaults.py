@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
     # normal images). Anything but jax/f32 writes to <category>/eval_<backend>_<precision>/.
     config.eval.backend = "jax"
     config.eval.precision = "f32"
+    # int8 exports (eval, export, predict): > 0 runs NNCF's accuracy control, reverting to float32
+    # the convolutions that move the held-out maps most until their agreement with the float32
+    # maps drops by at most this (quantize.map_agreement); 0: plain quantisation (much faster).
+    config.eval.int8_max_drop = 0.0
     config.eval.artifact = ""  # an exported .onnx to evaluate; empty: export the trained model
 
     # The device mesh: jobs (category x seed) over "model", each job's batch over "data".

@@ -206,3 +206,16 @@ def test_large_image_is_predicted_tile_by_tile_in_bounded_memory(base, tiled, ar
     tiles_bytes = 23188 * TILE * TILE * 3 * 4
     grown = peaks["large"] - peaks["small"]
     assert grown < 40 * pixels < tiles_bytes, (grown / 2**20, peaks)
+
+
+def test_map_agreement_is_one_minus_the_error_over_the_maps_spread():
+    from rstpm_jax.deploy.quantize import map_agreement
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, 8, 8))
+    score = ref.reshape(3, -1).max(1)
+    assert np.array_equal(map_agreement(ref, score, ref, score, 2.0), np.ones(3))
+    shifted = ref + 0.1 * np.arange(1, 4)[:, None, None]  # maps and scores off by 0.1, 0.2, 0.3
+    np.testing.assert_allclose(map_agreement(ref, score, shifted, score + 0.1 * np.arange(1, 4), 2.0),
+                               1 - 0.05 * np.arange(1, 4))
+    worse_score = score + np.array([0.0, 0.0, 1.0])  # a score error larger than the map's counts
+    np.testing.assert_allclose(map_agreement(ref, score, ref, worse_score, 2.0), [1, 1, 0.5])
