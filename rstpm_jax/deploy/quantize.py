@@ -7,7 +7,8 @@ and the map ops (distance, resize, fusion), which moved a demo STPM's image AURO
 to 0.917 in the prototype; convolutions alone kept it. On the RSTPM demo (random teachers)
 quantising the stems too cost up to 0.15 pixel AUROC; keeping them float32 most of that.
 
-With ``max_drop`` (``eval.int8_max_drop`` > 0), on top of that scope NNCF's accuracy control (``quantize_with_accuracy_control``) keeps in
+With ``max_drop`` (``eval.int8_max_drop`` > 0), on top of that scope NNCF's accuracy control
+(``quantize_with_accuracy_control``) keeps in
 float32 the quantised convolutions that move the maps most, until the int8 model's maps of
 the held-out normal images agree with the float32 model's (:func:`map_agreement`) within
 ``max_drop``. Held-out normal images carry no defect labels, so the metric is agreement with
