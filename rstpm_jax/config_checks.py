@@ -253,8 +253,7 @@ def validate(config: ml_collections.ConfigDict, *, check_files: bool | None = No
     c.number("eval.pro_max_fpr", lo=0, hi=1, lo_open=True)
     c.boolean("eval.figures")
     c.number("eval.threshold_percentile", lo=0, hi=100, lo_open=True)
-    if "int8_max_drop" in config.eval:
-        c.number("eval.int8_max_drop", lo=0, hi=1)
+    c.number("eval.int8_max_drop", lo=0, hi=1)
     # distributed
     c.string("distributed.coordinator_address")
     c.number("distributed.num_processes", integer=True, lo=0)

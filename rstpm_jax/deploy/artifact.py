@@ -106,8 +106,8 @@ def export_onnx_artifact(config: ml_collections.ConfigDict, teacher_vars: Any, s
         from rstpm_jax.deploy import quantize  # noqa: PLC0415 (nncf, openvino)
 
         ir = os.path.splitext(path)[0] + ".int8.xml"
-        max_drop = float(config.eval.get("int8_max_drop", 0.0) or 0.0)
-        meta["int8"] = quantize.openvino_int8(path, calibration, ir, max_drop=max_drop or None)
+        meta["int8"] = quantize.openvino_int8(path, calibration, ir,
+                                              max_drop=float(config.eval.get("int8_max_drop", 0.0)))
         meta["files"]["openvino_int8"] = os.path.basename(ir)
         meta["precisions"]["openvino"].append("int8")
         meta["int8"]["thresholds"] = "the float32 model's (thresholds.json); eval.precision=int8 reports its own"

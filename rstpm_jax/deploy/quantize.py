@@ -8,11 +8,10 @@ to 0.917 in the prototype; convolutions alone kept it. On the RSTPM demo (random
 quantising the stems too cost up to 0.15 pixel AUROC; keeping them float32 most of that.
 
 With ``max_drop`` (``eval.int8_max_drop`` > 0), on top of that scope NNCF's accuracy control
-(``quantize_with_accuracy_control``) keeps in
-float32 the quantised convolutions that move the maps most, until the int8 model's maps of
-the held-out normal images agree with the float32 model's (:func:`map_agreement`) within
-``max_drop``. Held-out normal images carry no defect labels, so the metric is agreement with
-the float32 model, not an AUROC.
+(``quantize_with_accuracy_control``) keeps in float32 the quantised convolutions that move
+the maps most, until the int8 model's maps of the held-out normal images agree with the
+float32 model's (:func:`map_agreement`) within ``max_drop``. Held-out normal images carry
+no defect labels, so the metric is agreement with the float32 model, not an AUROC.
 """
 
 from __future__ import annotations
@@ -60,9 +59,9 @@ def map_agreement(ref_map: np.ndarray, ref_score: np.ndarray, got_map: np.ndarra
 
 
 def openvino_int8(onnx_path: str, calibration: np.ndarray, out_xml: str, subset_size: int = 300,
-                  max_drop: float | None = None) -> dict[str, Any]:
+                  max_drop: float = 0.0) -> dict[str, Any]:
     """NNCF int8 quantisation of ``onnx_path`` (convolutions only) calibrated on ``calibration``
-    (normalised float32 ``[n, H, W, 3]``: held-out normal images); with ``max_drop``, accuracy
+    (normalised float32 ``[n, H, W, 3]``: held-out normal images); with ``max_drop`` > 0, accuracy
     control: the convolutions that cost most :func:`map_agreement` on the same images are
     reverted to float32 until it drops by at most ``max_drop``. Written as OpenVINO IR ``out_xml``
     (+ ``.bin``). Returns what the sidecar records about it."""
