@@ -242,7 +242,7 @@ def validate(config: ml_collections.ConfigDict, *, check_files: bool | None = No
     except ValueError as e:
         c.problems.append(str(e))
     # mesh
-    c.choice("mesh.stack", ("auto", "unroll", "map", "vmap"))
+    c.choice("mesh.stack", ("auto", "each", "unroll", "map", "vmap"))
     for key in ("mesh.model", "mesh.data"):
         value = v.get(key)
         if value != "auto" and not (str(value).isdigit() and int(value) >= 1):

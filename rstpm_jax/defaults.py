@@ -106,9 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Devices per job; "auto": 1 on one host; on several, all devices used with the fewest
     # padding jobs.
     config.mesh.data = "auto"
-    # How a device runs its jobs: "vmap" (one batched program), "unroll" (one after another,
-    # written out), "map" (one after another in a loop; on CPU a loop slows convolutions ~15x);
-    # "auto": unroll on CPU (batched convolutions over stacked weights are slower there), else vmap.
+    # How a device runs its jobs: "vmap" (one batched program), "each" (one compiled job step
+    # called for each job in turn: compiles once), "unroll" (one after another, written out in
+    # one program: compile time grows with the jobs), "map" (a loop; on CPU a loop slows
+    # convolutions ~15x); "auto": each on CPU (batched convolutions over stacked weights are
+    # slower there), else vmap.
     config.mesh.stack = "auto"
 
     config.distributed = ml_collections.ConfigDict()

@@ -73,19 +73,28 @@ def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feat
     return state, metrics
 
 
-STACKS = ("auto", "unroll", "map", "vmap")
+STACKS = ("auto", "each", "unroll", "map", "vmap")
 
 
 def stack_mode(mode: str = "auto") -> str:
-    """How a device runs its slots: ``vmap`` (one batched program; accelerators), ``unroll``
-    (one slot after another, written out: CPU, where batched convolutions over stacked weights
-    are slower) or ``map`` (one after another in a loop: compiles once for any number of slots,
-    but on XLA:CPU a convolution inside a loop runs ~15x slower than outside one)."""
+    """How a device runs its slots: ``vmap`` (one batched program; accelerators), ``each`` (one
+    compiled slot step called for each slot in turn: CPU, where batched convolutions over
+    stacked weights are slower; compiles once for any number of slots), ``unroll`` (the slots'
+    steps written out one after another in one program: compile time grows with the slots) or
+    ``map`` (a loop in one program; on XLA:CPU a convolution inside a loop runs ~15x slower)."""
     if mode not in STACKS:
         raise ValueError(f"config.mesh.stack must be one of {STACKS}, got {mode!r}.")
     if mode == "auto":
-        return "unroll" if jax.default_backend() == "cpu" else "vmap"
+        return "each" if jax.default_backend() == "cpu" else "vmap"
     return mode
+
+
+def _slot_step(state, tv, x, v, a, feats, *, model, loss_fn):
+    """``train_step`` of one slot; a slot that is not active (``a``), or whose step is not
+    finite, keeps its state."""
+    new, metrics = train_step(state, tv, x, feats, v, model=model, loss_fn=loss_fn)
+    keep = a & (metrics["finite"] > 0)
+    return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state), metrics
 
 
 def group_step(states: TrainState, teacher_vars: Any, images: Array, valid: Array, active: Array,
@@ -94,11 +103,8 @@ def group_step(states: TrainState, teacher_vars: Any, images: Array, valid: Arra
     """``train_step`` of every slot (the leading axis), vmapped, unrolled or mapped (``stack``);
     a slot that is not ``active``, or whose step is not finite, keeps its state."""
     def one(state, tv, x, v, a, feats):
-        new, metrics = train_step(state, teacher_vars if shared_teachers else tv, x, feats, v,
-                                  model=model, loss_fn=loss_fn)
-        keep = a & (metrics["finite"] > 0)
-        new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state)
-        return new, metrics
+        return _slot_step(state, teacher_vars if shared_teachers else tv, x, v, a, feats,
+                          model=model, loss_fn=loss_fn)
 
     tv = None if shared_teachers else teacher_vars
     args = (states, tv, images, valid, active, teacher_feats)
@@ -110,6 +116,79 @@ def group_step(states: TrainState, teacher_vars: Any, images: Array, valid: Arra
     return jax.vmap(one)(*args)
 
 
+def group_slot_step(states: TrainState, teacher_vars: Any, images: Array, valid: Array, active: Array,
+                    teacher_feats: Any = None, k: Array | None = None, *, model: RSTPM, loss_fn: Callable,
+                    shared_teachers: bool) -> tuple[TrainState, dict[str, Array]]:
+    """``train_step`` of slot ``k`` (a traced index) of the leading axis only, its new state
+    written back in place; every other slot is untouched. Metrics: that slot's, with a leading
+    axis of 1."""
+    pick = lambda tree: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False), tree)
+    tv = teacher_vars if shared_teachers else pick(teacher_vars)
+    new, metrics = _slot_step(pick(states), tv, *pick((images, valid, active, teacher_feats)),
+                              model=model, loss_fn=loss_fn)
+    states = jax.tree.map(lambda s, n: jax.lax.dynamic_update_index_in_dim(s, n, k, 0), states, new)
+    return states, jax.tree.map(lambda m: m[None], metrics)
+
+
+class _EachSlot:
+    """The ``each`` group step: one compiled program trains slot ``k`` of every device's slots;
+    a call runs it for ``k = 0 .. slots per device - 1`` and gathers the slots' metrics.
+    ``lower(...).compile()`` gives the same call on the compiled program (benchmarks)."""
+
+    def __init__(self, step: Any, merge: Any, model_axis: int, program: Any = None):
+        self.step, self.merge, self.model_axis, self.program = step, merge, model_axis, program
+
+    def calls(self, active: Any) -> int:
+        """Programs run per group step: the slots one device holds."""
+        return int(active.shape[0]) // self.model_axis
+
+    def __call__(self, states, teachers, images, valid, active, *feats):
+        run = self.program or self.step
+        metrics = []
+        for k in range(self.calls(active)):
+            states, m = run(states, teachers, images, valid, active, *feats, np.int32(k))
+            metrics.append(m)
+        return states, self.merge(metrics)
+
+    def lower(self, *args):
+        lowered = self.step.lower(*args, np.int32(0))
+        outer = self
+
+        class Lowered:
+            def __getattr__(self, name):
+                return getattr(lowered, name)
+
+            def compile(self):
+                compiled = lowered.compile()
+                return _Compiled(_EachSlot(outer.step, outer.merge, outer.model_axis, compiled),
+                                 compiled, outer.calls(args[4]))
+
+        return Lowered()
+
+
+class _Compiled:
+    """A compiled ``each`` step: callable like the group step; its cost and memory analyses are
+    those of the slot program (FLOPs times the calls per group step)."""
+
+    def __init__(self, each: _EachSlot, compiled: Any, calls: int):
+        self.each, self.compiled, self.calls_per_step = each, compiled, calls
+
+    def __call__(self, *args):
+        return self.each(*args)
+
+    def memory_analysis(self):
+        return self.compiled.memory_analysis()
+
+    def cost_analysis(self):
+        cost = self.compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else None
+        return {k: v * self.calls_per_step for k, v in cost.items()} if cost else cost
+
+    def as_text(self) -> str:
+        return self.compiled.as_text()
+
+
 @functools.lru_cache(maxsize=8)
 def compile_group_step(model: RSTPM, loss_fn: Bound, mesh: jax.sharding.Mesh, cached: bool,
                        shared_teachers: bool, stack: str = "auto") -> Callable:
@@ -117,19 +196,37 @@ def compile_group_step(model: RSTPM, loss_fn: Bound, mesh: jax.sharding.Mesh, ca
     device runs its own slots: ``shard_map`` manual over ``model``), each slot's examples over
     ``data`` (automatic: XLA inserts the BatchNorm and gradient sums); states donated; metrics
     replicated. Manual over ``model``, XLA never partitions a stacked (grouped) convolution
-    across devices, which its SPMD partitioner gets wrong.
+    across devices, which its SPMD partitioner gets wrong. ``stack="each"`` (CPU's ``auto``):
+    :func:`group_slot_step` compiled once and called for each slot a device holds.
 
     Arguments ``(states, teachers, images, valid, active[, teacher_feats])``. Memoised (the
     model and the bound loss compare by value): every group of one architecture shares it."""
     slots, batch = sharding.job_sharding(mesh), sharding.job_batch_sharding(mesh)
     teachers = sharding.replicated(mesh) if shared_teachers else slots
-    step = functools.partial(group_step, model=model, loss_fn=loss_fn, shared_teachers=shared_teachers,
-                             stack=stack_mode(stack))
+    mode = stack_mode(stack)
     m = P(sharding.MODEL_AXIS)
     specs = (m, P() if shared_teachers else m, m, m, m) + ((m,) if cached else ())
+    ins = (slots, teachers, batch, batch, slots) + ((batch,) if cached else ())
+    if mode == "each":
+        def body(*args):
+            feats, k = (args[5], args[6]) if cached else (None, args[5])
+            return group_slot_step(*args[:5], feats, k, model=model, loss_fn=loss_fn,
+                                   shared_teachers=shared_teachers)
+
+        local = jax.shard_map(body, mesh=mesh, in_specs=specs + (P(),), out_specs=(m, m),
+                              axis_names={sharding.MODEL_AXIS}, check_vma=False)
+        step = compile_options.jit(local, in_shardings=ins + (sharding.replicated(mesh),),
+                                   out_shardings=(slots, slots), donate_argnums=(0,))
+        model_axis = mesh.shape[sharding.MODEL_AXIS]
+        # Call k's metrics are those of slots k, k + s, k + 2s, ... (s: slots per device).
+        merge = compile_options.jit(
+            lambda ms: jax.tree.map(lambda *xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:]), *ms),
+            out_shardings=sharding.replicated(mesh))
+        return _EachSlot(step, merge, model_axis)
+    step = functools.partial(group_step, model=model, loss_fn=loss_fn, shared_teachers=shared_teachers,
+                             stack=mode)
     local = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(m, m),
                           axis_names={sharding.MODEL_AXIS}, check_vma=False)
-    ins = (slots, teachers, batch, batch, slots) + ((batch,) if cached else ())
     return compile_options.jit(local, in_shardings=ins, out_shardings=(slots, sharding.replicated(mesh)),
                                donate_argnums=(0,))
 
