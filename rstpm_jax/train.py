@@ -150,43 +150,38 @@ class _EachSlot:
             metrics.append(m)
         return states, self.merge(metrics)
 
-    def lower(self, *args):
-        lowered = self.step.lower(*args, np.int32(0))
-        outer = self
-
-        class Lowered:
-            def __getattr__(self, name):
-                return getattr(lowered, name)
-
-            def compile(self):
-                compiled = lowered.compile()
-                return _Compiled(_EachSlot(outer.step, outer.merge, outer.model_axis, compiled),
-                                 compiled, outer.calls(args[4]))
-
-        return Lowered()
+    def lower(self, *args) -> _Program:
+        """The slot program lowered for these arguments (``.compile()``: the call compiled)."""
+        return _Program(self, self.step.lower(*args, np.int32(0)), self.calls(args[4]))
 
 
-class _Compiled:
-    """A compiled ``each`` step: callable like the group step; its cost and memory analyses are
-    those of the slot program (FLOPs times the calls per group step)."""
+class _Program:
+    """A lowered or compiled ``each`` step: ``compile()`` and calls like the group step; its
+    cost analysis is the slot program's times the calls per group step, its memory analysis and
+    text the slot program's."""
 
-    def __init__(self, each: _EachSlot, compiled: Any, calls: int):
-        self.each, self.compiled, self.calls_per_step = each, compiled, calls
+    def __init__(self, each: _EachSlot, program: Any, calls: int):
+        self.each, self.program, self.calls_per_step = each, program, calls
+
+    def compile(self) -> _Program:
+        compiled = self.program.compile()
+        return _Program(_EachSlot(self.each.step, self.each.merge, self.each.model_axis, compiled),
+                        compiled, self.calls_per_step)
 
     def __call__(self, *args):
         return self.each(*args)
 
-    def memory_analysis(self):
-        return self.compiled.memory_analysis()
-
     def cost_analysis(self):
-        cost = self.compiled.cost_analysis()
+        cost = self.program.cost_analysis()
         if isinstance(cost, (list, tuple)):
             cost = cost[0] if cost else None
         return {k: v * self.calls_per_step for k, v in cost.items()} if cost else cost
 
+    def memory_analysis(self):
+        return self.program.memory_analysis()
+
     def as_text(self) -> str:
-        return self.compiled.as_text()
+        return self.program.as_text()
 
 
 @functools.lru_cache(maxsize=8)
@@ -520,6 +515,7 @@ def _epoch(runs, epoch, states, teachers, step_fn, layout, local, source, model,
         bar.update(int(active[:len(runs)].sum()))
         ends = [s for s, r in enumerate(runs) if active[s] and (len(pending[s]) == every or i + 1 == r.steps)]
         if ends:
+            jax.block_until_ready([pending[s] for s in ends])  # steps run asynchronously: time them done
             t = time.time()
             values = _log(runs, ends, pending, epoch, i, t - t_start, batch)
             bar.set_postfix_str(_postfix(runs, values), refresh=False)
