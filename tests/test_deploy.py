@@ -97,6 +97,9 @@ def test_sidecars_and_graph(artifacts):
     assert onnx_meta["precisions"]["openvino"] == ["f32", "bf16", "int8"]
     assert onnx_meta["int8"]["scope"].startswith("convolutions only") and onnx_meta["int8"]["quantised_ops"] > 0
     assert onnx_meta["int8"]["float_stems"] == 2  # the teacher's and the student's first conv
+    # Calibrated on the held-out normal images (eval.int8_calibration=holdout): 8 images x 9 tiles.
+    assert onnx_meta["int8"]["calibration_examples"] == 8 * 9
+    assert onnx_meta["int8"]["calibration"] == "the held-out train/good images"
     folder = os.path.dirname(artifacts["onnx"])
     assert os.path.isfile(os.path.join(folder, onnx_meta["files"]["openvino_int8"]))
     graph = onnx.load(artifacts["onnx"])
@@ -219,3 +222,21 @@ def test_map_agreement_is_one_minus_the_error_over_the_maps_spread():
                                1 - 0.05 * np.arange(1, 4))
     worse_score = score + np.array([0.0, 0.0, 1.0])  # a score error larger than the map's counts
     np.testing.assert_allclose(map_agreement(ref, score, ref, worse_score, 2.0), [1, 1, 0.5])
+
+
+def test_int8_calibration_images_are_the_chosen_normal_split(tiled):
+    from rstpm_jax import workdir as workdir_lib
+    from rstpm_jax.deploy import artifact
+
+    root, workdir = tiled
+    config = workdir_lib.load_config(workdir)
+    counts = {}
+    for which in ("holdout", "train"):
+        config.eval.int8_calibration = which
+        images = artifact.calibration_images(config, root, "fabric")
+        assert images.shape[1:] == (TILE, TILE, 3) and np.isfinite(images).all()
+        counts[which] = len(images)
+    assert counts == {"holdout": 8 * 9, "train": 32 * 9}  # 8 held-out / 32 train/good images, 9 tiles each
+    config.eval.int8_calibration = "test"
+    with pytest.raises(ValueError, match="eval.int8_calibration"):
+        artifact.calibration_images(config, root, "fabric")

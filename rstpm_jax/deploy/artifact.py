@@ -108,6 +108,8 @@ def export_onnx_artifact(config: ml_collections.ConfigDict, teacher_vars: Any, s
         ir = os.path.splitext(path)[0] + ".int8.xml"
         meta["int8"] = quantize.openvino_int8(path, calibration, ir,
                                               max_drop=float(config.eval.get("int8_max_drop", 0.0)))
+        meta["int8"]["calibration"] = {"train": "every train/good image", "holdout": "the held-out train/good "
+                                       "images"}[str(config.eval.get("int8_calibration", "holdout"))]
         meta["files"]["openvino_int8"] = os.path.basename(ir)
         meta["precisions"]["openvino"].append("int8")
         meta["int8"]["thresholds"] = "the float32 model's (thresholds.json); eval.precision=int8 reports its own"
@@ -125,22 +127,30 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+CALIBRATIONS = ("holdout", "train")
+
+
 def calibration_images(config: ml_collections.ConfigDict, root: str, category: str,
                        data_dir: str | None = None, limit: int = CALIBRATION_MAX) -> np.ndarray:
-    """The category's held-out normal images (``data.holdout_fraction`` of train/good, the split
-    evaluation sets the thresholds on) preprocessed as the model's input: resized, or cut into
-    tiles when tiling; at most ``limit``, spread evenly. Read with PIL when the files are on
-    disk (no TensorFlow), else from the prepared TFDS data."""
+    """The category's normal images int8 quantisation calibrates on (``eval.int8_calibration``:
+    ``holdout``, the ``data.holdout_fraction`` split that sets the thresholds, or ``train``,
+    every image of train/good) preprocessed as the model's input: resized, or cut into tiles
+    when tiling; at most ``limit``, spread evenly. Read with PIL when the files are on disk (no
+    TensorFlow), else from the prepared TFDS data."""
+    which = str(config.eval.get("int8_calibration", "holdout"))
+    if which not in CALIBRATIONS:
+        raise ValueError(f"config.eval.int8_calibration must be one of {CALIBRATIONS}, got {which!r}.")
     tiling = TileSpec.from_config(config.data)
     holdout, seed = float(config.data.holdout_fraction), int(config.seed)
     files = None
     if not data_dir:
-        files = input_pipeline.split_train_holdout(mvtec.scan_category(root, category, verify=False).train,
-                                                   holdout, seed)[1]
+        good = mvtec.scan_category(root, category, verify=False).train
+        files = good if which == "train" else input_pipeline.split_train_holdout(good, holdout, seed)[1]
     if files is None or not all(os.path.isfile(f) for f in files):
-        images, _ = input_pipeline.load_images(root, category, "holdout", image_size=int(config.data.image_size),
-                                               holdout_fraction=holdout, seed=seed, data_dir=data_dir,
-                                               process_index=0, process_count=1, tiling=tiling)
+        splits = ("train", "holdout") if which == "train" and holdout > 0 else (which,)
+        images = np.concatenate([input_pipeline.load_images(
+            root, category, split, image_size=int(config.data.image_size), holdout_fraction=holdout, seed=seed,
+            data_dir=data_dir, process_index=0, process_count=1, tiling=tiling)[0] for split in splits])
     else:
         out = []
         for f in files:
