@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from rstpm_jax import anomaly_maps, defaults, distances, jobs, losses, sharding
+from rstpm_jax.deploy import runtime
 from rstpm_jax.models import attention, resnet
 from rstpm_jax.models.rstpm import DTYPES
 
@@ -242,7 +243,7 @@ def validate(config: ml_collections.ConfigDict, *, check_files: bool | None = No
     except ValueError as e:
         c.problems.append(str(e))
     # mesh
-    c.choice("mesh.stack", ("auto", "each", "unroll", "map", "vmap"))
+    c.choice("mesh.stack", sharding.STACKS)
     for key in ("mesh.model", "mesh.data"):
         value = v.get(key)
         if value != "auto" and not (str(value).isdigit() and int(value) >= 1):
@@ -254,7 +255,7 @@ def validate(config: ml_collections.ConfigDict, *, check_files: bool | None = No
     c.boolean("eval.figures")
     c.number("eval.threshold_percentile", lo=0, hi=100, lo_open=True)
     c.number("eval.int8_max_drop", lo=0, hi=1)
-    c.choice("eval.int8_calibration", ("holdout", "train"))
+    c.choice("eval.int8_calibration", tuple(runtime.INT8_CALIBRATIONS))
     # distributed
     c.string("distributed.coordinator_address")
     c.number("distributed.num_processes", integer=True, lo=0)

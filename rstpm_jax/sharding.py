@@ -14,6 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
+# How a device runs its slots (config.mesh.stack; train.stack_mode says what each does).
+STACKS = ("auto", "each", "unroll", "map", "vmap")
 # Environment variables that mean "this process is one of several" on common clusters.
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
 

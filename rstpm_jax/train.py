@@ -73,17 +73,14 @@ def train_step(state: TrainState, teacher_vars: Any, images: Array, teacher_feat
     return state, metrics
 
 
-STACKS = ("auto", "each", "unroll", "map", "vmap")
-
-
 def stack_mode(mode: str = "auto") -> str:
     """How a device runs its slots: ``vmap`` (one batched program; accelerators), ``each`` (one
     compiled slot step called for each slot in turn: CPU, where batched convolutions over
     stacked weights are slower; compiles once for any number of slots), ``unroll`` (the slots'
     steps written out one after another in one program: compile time grows with the slots) or
     ``map`` (a loop in one program; on XLA:CPU a convolution inside a loop runs ~15x slower)."""
-    if mode not in STACKS:
-        raise ValueError(f"config.mesh.stack must be one of {STACKS}, got {mode!r}.")
+    if mode not in sharding.STACKS:
+        raise ValueError(f"config.mesh.stack must be one of {sharding.STACKS}, got {mode!r}.")
     if mode == "auto":
         return "each" if jax.default_backend() == "cpu" else "vmap"
     return mode
@@ -131,28 +128,27 @@ def group_slot_step(states: TrainState, teacher_vars: Any, images: Array, valid:
 
 
 class _EachSlot:
-    """The ``each`` group step: one compiled program trains slot ``k`` of every device's slots;
-    a call runs it for ``k = 0 .. slots per device - 1`` and gathers the slots' metrics.
-    ``lower(...).compile()`` gives the same call on the compiled program (benchmarks)."""
+    """The ``each`` group step: one program (``run``: jitted, or compiled) trains slot ``k`` of
+    every device's slots; a call runs it for ``k = 0 .. slots per device - 1`` and gathers the
+    slots' metrics. ``lower(...).compile()`` gives the same call on the compiled program."""
 
-    def __init__(self, step: Any, merge: Any, model_axis: int, program: Any = None):
-        self.step, self.merge, self.model_axis, self.program = step, merge, model_axis, program
+    def __init__(self, run: Any, merge: Any, model_axis: int):
+        self.run, self.merge, self.model_axis = run, merge, model_axis
 
     def calls(self, active: Any) -> int:
         """Programs run per group step: the slots one device holds."""
         return int(active.shape[0]) // self.model_axis
 
     def __call__(self, states, teachers, images, valid, active, *feats):
-        run = self.program or self.step
         metrics = []
         for k in range(self.calls(active)):
-            states, m = run(states, teachers, images, valid, active, *feats, np.int32(k))
+            states, m = self.run(states, teachers, images, valid, active, *feats, np.int32(k))
             metrics.append(m)
         return states, self.merge(metrics)
 
     def lower(self, *args) -> _Program:
         """The slot program lowered for these arguments (``.compile()``: the call compiled)."""
-        return _Program(self, self.step.lower(*args, np.int32(0)), self.calls(args[4]))
+        return _Program(self, self.run.lower(*args, np.int32(0)), self.calls(args[4]))
 
 
 class _Program:
@@ -165,8 +161,8 @@ class _Program:
 
     def compile(self) -> _Program:
         compiled = self.program.compile()
-        return _Program(_EachSlot(self.each.step, self.each.merge, self.each.model_axis, compiled),
-                        compiled, self.calls_per_step)
+        return _Program(_EachSlot(compiled, self.each.merge, self.each.model_axis), compiled,
+                        self.calls_per_step)
 
     def __call__(self, *args):
         return self.each(*args)

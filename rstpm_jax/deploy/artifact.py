@@ -108,8 +108,7 @@ def export_onnx_artifact(config: ml_collections.ConfigDict, teacher_vars: Any, s
         ir = os.path.splitext(path)[0] + ".int8.xml"
         meta["int8"] = quantize.openvino_int8(path, calibration, ir,
                                               max_drop=float(config.eval.get("int8_max_drop", 0.0)))
-        meta["int8"]["calibration"] = {"train": "every train/good image", "holdout": "the held-out train/good "
-                                       "images"}[str(config.eval.get("int8_calibration", "holdout"))]
+        meta["int8"]["calibration"] = runtime.INT8_CALIBRATIONS[int8_calibration(config)]
         meta["files"]["openvino_int8"] = os.path.basename(ir)
         meta["precisions"]["openvino"].append("int8")
         meta["int8"]["thresholds"] = "the float32 model's (thresholds.json); eval.precision=int8 reports its own"
@@ -127,7 +126,13 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-CALIBRATIONS = ("holdout", "train")
+def int8_calibration(config: ml_collections.ConfigDict) -> str:
+    """``eval.int8_calibration`` (``holdout`` where a workdir's config predates it), checked."""
+    which = str(config.eval.get("int8_calibration", "holdout"))
+    if which not in runtime.INT8_CALIBRATIONS:
+        raise ValueError(f"config.eval.int8_calibration must be one of {tuple(runtime.INT8_CALIBRATIONS)}, "
+                         f"got {which!r}.")
+    return which
 
 
 def calibration_images(config: ml_collections.ConfigDict, root: str, category: str,
@@ -137,9 +142,7 @@ def calibration_images(config: ml_collections.ConfigDict, root: str, category: s
     every image of train/good) preprocessed as the model's input: resized, or cut into tiles
     when tiling; at most ``limit``, spread evenly. Read with PIL when the files are on disk (no
     TensorFlow), else from the prepared TFDS data."""
-    which = str(config.eval.get("int8_calibration", "holdout"))
-    if which not in CALIBRATIONS:
-        raise ValueError(f"config.eval.int8_calibration must be one of {CALIBRATIONS}, got {which!r}.")
+    which = int8_calibration(config)
     tiling = TileSpec.from_config(config.data)
     holdout, seed = float(config.data.holdout_fraction), int(config.seed)
     files = None

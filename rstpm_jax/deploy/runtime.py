@@ -26,6 +26,9 @@ from rstpm_jax.data.preprocess import NORM_OFFSET, NORM_SCALE
 
 BACKENDS = ("jax", "onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16", "int8")
+# The normal images int8 quantisation calibrates on (config.eval.int8_calibration), as the
+# sidecar describes them.
+INT8_CALIBRATIONS = {"holdout": "the held-out train/good images", "train": "every train/good image"}
 # The precisions each backend runs.
 SUPPORTED: dict[str, tuple[str, ...]] = {"jax": ("f32", "bf16"), "onnxruntime": ("f32",),
                                          "openvino": ("f32", "bf16", "int8")}
