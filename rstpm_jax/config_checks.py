@@ -256,6 +256,7 @@ def validate(config: ml_collections.ConfigDict, *, check_files: bool | None = No
     c.number("eval.threshold_percentile", lo=0, hi=100, lo_open=True)
     c.number("eval.int8_max_drop", lo=0, hi=1)
     c.choice("eval.int8_calibration", tuple(runtime.INT8_CALIBRATIONS))
+    c.number("eval.int8_headroom", lo=1, hi=64)
     # distributed
     c.string("distributed.coordinator_address")
     c.number("distributed.num_processes", integer=True, lo=0)

@@ -101,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The normal images int8 calibrates on: "holdout" (the held-out split of train/good) or
     # "train" (all of train/good; on the demo data it moved no AUROC closer to float32).
     config.eval.int8_calibration = "holdout"
+    # int8 activation ranges are the calibration's times this (quantize.widen_activation_ranges):
+    # a defect's activations exceed the normal images' range; 1 keeps NNCF's ranges as measured.
+    config.eval.int8_headroom = 2.0
     config.eval.artifact = ""  # an exported .onnx to evaluate; empty: export the trained model
 
     # The device mesh: jobs (category x seed) over "model", each job's batch over "data".

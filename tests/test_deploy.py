@@ -240,3 +240,48 @@ def test_int8_calibration_images_are_the_chosen_normal_split(tiled):
     config.eval.int8_calibration = "test"
     with pytest.raises(ValueError, match="eval.int8_calibration"):
         artifact.calibration_images(config, root, "fabric")
+
+
+def _tiny_openvino_model(path):
+    """image [n, 8, 8, 3] -> conv (the stem, kept float) -> relu -> conv -> map (channel sum),
+    score (map max): an OpenVINO IR with the outputs quantize.openvino_int8 reads."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    rng = np.random.default_rng(0)
+    x = ops.parameter([-1, 8, 8, 3], np.float32, name="image")
+    h = ops.transpose(x, ops.constant(np.array([0, 3, 1, 2], np.int64)))
+    for cin in (3, 4):
+        w = ops.constant(rng.standard_normal((4, cin, 3, 3)).astype(np.float32))
+        h = ops.relu(ops.convolution(h, w, [1, 1], [1, 1], [1, 1], [1, 1]))
+    m = ops.reduce_sum(h, ops.constant(np.array([1], np.int64)), False)
+    m.output(0).get_tensor().set_names({"map"})
+    s = ops.reduce_max(m, ops.constant(np.array([1, 2], np.int64)), False)
+    s.output(0).get_tensor().set_names({"score"})
+    ov.save_model(ov.Model([m, s], [x], "tiny"), path)
+
+
+@pytest.mark.parametrize("headroom", [1.0, 2.0])
+def test_int8_headroom_keeps_activations_beyond_the_normal_range_unclipped(tmp_path, headroom):
+    """A 'defect' image whose activations are 1.8x the calibration's largest is clipped by the
+    calibrated int8 ranges (headroom 1) and not by twice them (the default, headroom 2)."""
+    import openvino as ov
+
+    from rstpm_jax.deploy import quantize
+    src = str(tmp_path / "tiny.xml")
+    _tiny_openvino_model(src)
+    calibration = np.random.default_rng(1).uniform(0, 1, (16, 8, 8, 3)).astype(np.float32)
+    out = str(tmp_path / f"int8_{headroom}.xml")
+    meta = quantize.openvino_int8(src, calibration, out, headroom=headroom)
+    assert meta["activation_headroom"] == headroom
+    assert meta["widened_activation_ranges"] == (1 if headroom != 1 else 0)  # the second conv's input
+    core = ov.Core()
+    defect = 1.8 * calibration[:4]  # everything after the (linear, float) stem scales by 1.8
+    ref = core.compile_model(src, "CPU", quantize.F32)(defect)["map"]
+    got = core.compile_model(out, "CPU", quantize.F32)(defect)["map"]
+    error = np.abs(got - ref).mean() / np.abs(ref).mean()
+    if headroom == 1:
+        assert error > 0.1, error  # clipped at the normal images' range (measured 0.22)
+    else:
+        assert error < 0.02, error  # int8 rounding only (measured 0.012, as on the calibration images)
+    with pytest.raises(ValueError, match="eval.int8_headroom"):
+        quantize.openvino_int8(src, calibration, str(tmp_path / "bad.xml"), headroom=0.5)

@@ -107,7 +107,8 @@ def export_onnx_artifact(config: ml_collections.ConfigDict, teacher_vars: Any, s
 
         ir = os.path.splitext(path)[0] + ".int8.xml"
         meta["int8"] = quantize.openvino_int8(path, calibration, ir,
-                                              max_drop=float(config.eval.get("int8_max_drop", 0.0)))
+                                              max_drop=float(config.eval.get("int8_max_drop", 0.0)),
+                                              headroom=float(config.eval.get("int8_headroom", 2.0)))
         meta["int8"]["calibration"] = runtime.INT8_CALIBRATIONS[int8_calibration(config)]
         meta["files"]["openvino_int8"] = os.path.basename(ir)
         meta["precisions"]["openvino"].append("int8")
