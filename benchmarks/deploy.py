@@ -22,8 +22,10 @@ f32/bf16/int8`` (int8 by the same NNCF scope). Every path gets the same NHWC flo
 (the torch paths transpose to NCHW inside the timed call, as a caller would).
 
 Timing: per batch size, two warm-up calls per path, then ``--rounds`` rounds in which every
-path runs once (round robin, so that a change in the machine's other load hits all paths
-alike); the median per path. Memory per path (all models stay loaded throughout): ``load``,
+path runs a burst of ``--burst`` consecutive calls (round robin, so that a change in the
+machine's other load hits all paths alike; default: as many calls as make 16 images, so one
+at batch 32 and 16 at batch 1, as a line calls one model again and again); the median per
+path of a burst's time per call. Memory per path (all models stay loaded throughout): ``load``,
 the resident set's growth while the path was built (weights, compiled code); ``first call``
 and ``call``, the peak resident set above the one before the call during its first call at
 that batch size (arenas, compilation) and during its timed calls (``/proc/self/clear_refs``
@@ -220,8 +222,9 @@ def torch_paths(image_size: int, tmp: str, calib: np.ndarray, rec: dict) -> dict
     return runners
 
 
-def time_paths(runners: dict[str, Runner], x: np.ndarray, rounds: int) -> dict[str, dict[str, Any]]:
-    """Round-robin timing of every path on ``x``; median seconds, peak memory, the maps."""
+def time_paths(runners: dict[str, Runner], x: np.ndarray, rounds: int, burst: int = 1) -> dict[str, dict[str, Any]]:
+    """Round-robin timing of every path on ``x``, ``burst`` consecutive calls a round; median
+    seconds a call, peak memory, the maps."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     peak: dict[str, int] = {name: 0 for name in runners}
     first: dict[str, int | None] = {}
@@ -239,8 +242,9 @@ def time_paths(runners: dict[str, Runner], x: np.ndarray, rounds: int) -> dict[s
             if resettable:
                 _reset_peak()
             t = time.perf_counter()
-            fn(x)
-            times[name].append(time.perf_counter() - t)
+            for _ in range(burst):
+                fn(x)
+            times[name].append((time.perf_counter() - t) / burst)
             if resettable:
                 peak[name] = max(peak[name], peak_rss_bytes() - before)
     mib = (lambda v: None if v is None or not resettable else max(v, 0) / 2**20)
@@ -250,13 +254,13 @@ def time_paths(runners: dict[str, Runner], x: np.ndarray, rounds: int) -> dict[s
 
 
 def run(config_path: str, image_size: int, batch_sizes: list[int], rounds: int, with_torch: bool,
-        calib_images: int, seed: int = 0) -> dict[str, Any]:
+        calib_images: int, seed: int = 0, burst: int = 0) -> dict[str, Any]:
     from rstpm_jax.deploy import runtime  # noqa: PLC0415
 
     config = load_config(config_path)
     rng = np.random.default_rng(seed)
     tmp = tempfile.mkdtemp(prefix="deploy_bench_")
-    rec: dict[str, Any] = {"config": config_path, "image_size": image_size, "rounds": rounds,
+    rec: dict[str, Any] = {"config": config_path, "image_size": image_size, "rounds": rounds, "burst": burst,
                            "cpu_count": os.cpu_count(), "bf16_native": runtime.bf16_capable(),
                            "load_avg_start": os.getloadavg()[0], "paths": [], "file_mib": {}, "load_mib": {},
                            "backends_installed": runtime.installed_backends()}
@@ -268,7 +272,7 @@ def run(config_path: str, image_size: int, batch_sizes: list[int], rounds: int, 
         runners.update(torch_paths(image_size, tmp, calib, rec))
     for b in batch_sizes:
         x = rng.standard_normal((b, image_size, image_size, 3)).astype(np.float32)
-        results = time_paths(runners, x, rounds)
+        results = time_paths(runners, x, rounds, burst or max(1, 16 // b))
         for name, r in results.items():
             ref_name = "torch eager f32" if name.startswith("torch") else "jax f32"
             entry = {"path": name, "batch_size": b, "images_per_s": b / r["seconds"], "seconds": r["seconds"],
@@ -318,12 +322,14 @@ def main() -> None:
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--batch_sizes", default="1,32")
     p.add_argument("--rounds", type=int, default=10, help="Timed rounds (every path once per round).")
+    p.add_argument("--burst", type=int, default=0,
+                   help="Consecutive calls of a path per round (0: enough for 16 images).")
     p.add_argument("--calib_images", type=int, default=8, help="Random images calibrating int8.")
     p.add_argument("--torch", action="store_true", help="Also the PyTorch STFPM (eager, ORT, OpenVINO).")
     p.add_argument("--out", default="", help="Write the record as JSON here.")
     a = p.parse_args()
     rec = run(a.config, a.image_size, [int(b) for b in a.batch_sizes.split(",")], a.rounds, a.torch,
-              a.calib_images)
+              a.calib_images, burst=a.burst)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rec, f, indent=2, default=float)
