@@ -272,10 +272,12 @@ def run(config_path: str, image_size: int, batch_sizes: list[int], rounds: int, 
         runners.update(torch_paths(image_size, tmp, calib, rec))
     for b in batch_sizes:
         x = rng.standard_normal((b, image_size, image_size, 3)).astype(np.float32)
-        results = time_paths(runners, x, rounds, burst or max(1, 16 // b))
+        calls = burst or max(1, 16 // b)
+        results = time_paths(runners, x, rounds, calls)
         for name, r in results.items():
             ref_name = "torch eager f32" if name.startswith("torch") else "jax f32"
-            entry = {"path": name, "batch_size": b, "images_per_s": b / r["seconds"], "seconds": r["seconds"],
+            entry = {"path": name, "batch_size": b, "burst": calls, "images_per_s": b / r["seconds"],
+                     "seconds": r["seconds"],
                      "load_mib": rec["load_mib"].get(name), "first_call_mib": r["first_call_mib"],
                      "call_mib": r["call_mib"],
                      "map_rel_err": None if name == ref_name else _rel(r["map"], results[ref_name]["map"]),
@@ -321,7 +323,7 @@ def main() -> None:
     p.add_argument("--config", default=os.path.join(REPO, "configs", "stpm.py"))
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--batch_sizes", default="1,32")
-    p.add_argument("--rounds", type=int, default=10, help="Timed rounds (every path once per round).")
+    p.add_argument("--rounds", type=int, default=10, help="Timed rounds (every path one burst per round).")
     p.add_argument("--burst", type=int, default=0,
                    help="Consecutive calls of a path per round (0: enough for 16 images).")
     p.add_argument("--calib_images", type=int, default=8, help="Random images calibrating int8.")

@@ -91,6 +91,9 @@ def openvino_int8(onnx_path: str, calibration: np.ndarray, out_xml: str, subset_
     import nncf  # noqa: PLC0415 (the export extra)
     import openvino as ov  # noqa: PLC0415
 
+    if headroom < 1:
+        raise ValueError(f"int8 headroom {headroom} (eval.int8_headroom) must be >= 1: a narrower range "
+                         "than the calibration images' clips normal activations.")
     calibration = np.asarray(calibration, np.float32)
     if len(calibration) == 0:
         raise ValueError("int8 quantisation needs calibration images (held-out normal images): the "
@@ -117,9 +120,6 @@ def openvino_int8(onnx_path: str, calibration: np.ndarray, out_xml: str, subset_
                                                         subset_size=n, ignored_scope=scope)
     else:
         quantized = nncf.quantize(model, data, subset_size=n, ignored_scope=scope)
-    if headroom < 1:
-        raise ValueError(f"int8 headroom {headroom} (eval.int8_headroom) must be >= 1: a narrower range "
-                         "than the calibration images' clips normal activations.")
     widened = widen_activation_ranges(quantized, headroom) if headroom != 1 else 0
     ov.save_model(quantized, out_xml)
     int8_agreement, _ = validate(ov.Core().compile_model(quantized, "CPU", F32), items)
