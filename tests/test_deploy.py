@@ -97,6 +97,7 @@ def test_sidecars_and_graph(artifacts):
     assert onnx_meta["precisions"]["openvino"] == ["f32", "bf16", "int8"]
     assert onnx_meta["int8"]["scope"].startswith("convolutions only") and onnx_meta["int8"]["quantised_ops"] > 0
     assert onnx_meta["int8"]["float_stems"] == 2  # the teacher's and the student's first conv
+    assert onnx_meta["int8"]["float_channel_sums"] == 9  # t.t, s.s and t.s at each of the 3 levels
     # Calibrated on the held-out normal images (eval.int8_calibration=holdout): 8 images x 9 tiles.
     assert onnx_meta["int8"]["calibration_examples"] == 8 * 9
     assert onnx_meta["int8"]["calibration"] == "the held-out train/good images"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -35,6 +36,26 @@ def test_gaussian_matrix_is_gaussian_smooth(sigma):
 def test_max_pool_padded_is_pool_max_pool():
     x = np.random.default_rng(2).standard_normal((2, 16, 12, 5)).astype(np.float32)
     np.testing.assert_array_equal(ox.max_pool_padded(jnp.asarray(x)), pool.max_pool(jnp.asarray(x)))
+
+
+def test_squared_l2_channel_sums_is_the_distance():
+    """Including positions where a feature vector is zero (ReLU) and near-equal pairs (small d)."""
+    from rstpm_jax import distances
+
+    rng = np.random.default_rng(4)
+    t = np.maximum(rng.standard_normal((2, 6, 5, 64)), 0).astype(np.float32)
+    s = np.maximum(rng.standard_normal(t.shape), 0).astype(np.float32)
+    t[0, 0, 0] = 0
+    s[0, 0, 1] = 0
+    t[1, 2, 2] = s[1, 2, 2] = 0
+    near = (t * (1 + 0.01 * rng.standard_normal(t.shape))).astype(np.float32)
+    for a, b in ((t, s), (t, near), (s, s)):
+        got = ox.squared_l2_channel_sums(jnp.asarray(a), jnp.asarray(b))
+        np.testing.assert_allclose(got, distances.distance_map(a, b), rtol=0, atol=3e-7)
+    spec = anomaly_maps.MapSpec.from_config(ml_collections.ConfigDict(
+        {"distance": "squared_l2", "fusion": "multiply", "smoothing_sigma": 0.0}))
+    assert ox.export_spec(spec).distance.fn is ox.squared_l2_channel_sums
+    assert ox.export_spec(spec).distance.name == "squared_l2"
 
 
 def test_fold_pad_into_max_pool_keeps_values():
@@ -132,6 +153,7 @@ def test_onnx_round_trip_equals_jax(tmp_path, get_config, name, fusion, sigma):
     ops = [n.op_type for n in graph.graph.node]
     assert "BatchNormalization" not in ops and "Pad" not in ops  # folded into Conv / MaxPool
     assert "ConvTranspose" in ops and "Log" in ops and "Exp" in ops  # the decoder; the user's rule
+    assert "ReduceL2" not in ops and "ReduceSumSquare" not in ops  # the distance as channel-sum convs
     producer = {o: n for n in graph.graph.node for o in n.output}
     for conv in (n for n in graph.graph.node if n.op_type in ("Conv", "ConvTranspose")):
         src = producer.get(conv.input[0])  # NCHW from the input's transpose on: none in between

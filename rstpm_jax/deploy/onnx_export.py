@@ -33,8 +33,14 @@ forms (:func:`export_spec`), the function itself being the project's ``make_infe
   time; :func:`gaussian_smooth_matmul`: a fixed (H, H) band matrix that includes the
   reflection, applied per axis.
 
-The distance and the fusion rule are the registered functions themselves: any rule written
-in plain ``jnp`` exports. flax's ``nn.Conv`` and ``nn.ConvTranspose`` convert as they are.
+* the built-in ``squared_l2`` distance converts as written, but ONNX Runtime then moves every
+  feature tensor out of its convolutions' blocked layout (twice, for ``ReduceL2`` and the
+  broadcast ``Div``) to normalise it. :func:`squared_l2_channel_sums`:
+  the same distance from three channel sums as 1x1 convolutions of ones, which stay in that
+  layout (the int8 quantisation keeps them float32: ``quantize.channel_sum_convolutions``).
+
+Other distances and the fusion rule are the registered functions themselves: any rule
+written in plain ``jnp`` exports. flax's ``nn.Conv`` and ``nn.ConvTranspose`` convert as they are.
 jax2onnx 0.17 leaves stale NHWC shapes in ``value_info`` on tensors it moved to NCHW (ONNX
 Runtime then rejects an ``Add`` of the decoder); they are dropped and inferred again. Then
 :func:`optimize_graph` (ONNX Runtime's basic level, offline) removes the NHWC<->NCHW
@@ -55,6 +61,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rstpm_jax import distances
 from rstpm_jax.anomaly_maps import MapSpec
 from rstpm_jax.inference import make_infer_fn
 from rstpm_jax.models.rstpm import RSTPM, build_model
@@ -126,10 +133,43 @@ def export_model(model_cfg: Any) -> RSTPM:
     return RSTPM(base.teachers.clone(**layers), base.students.clone(**layers))
 
 
+CHANNEL_SUM_OUTPUTS = 16  # a multiple of ONNX Runtime's blocked-layout width (8 on AVX2, 16 on AVX-512)
+
+
+def channel_sum_conv(x: Array) -> Array:
+    """``jnp.sum(x, axis=-1)`` of NHWC ``x`` as a 1x1 convolution with a kernel of ones
+    (:data:`CHANNEL_SUM_OUTPUTS` equal outputs, the first kept): ONNX Runtime then sums the
+    channels in the blocked layout its convolutions leave the features in, where a
+    ``ReduceSum`` would first reorder them."""
+    kernel = jnp.ones((1, 1, x.shape[-1], CHANNEL_SUM_OUTPUTS), x.dtype)
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y[..., 0]
+
+
+def squared_l2_channel_sums(teacher: Array, student: Array, eps: float = 1e-12) -> Array:
+    """``distances.distance_map`` (1/2 ||t^ - s^||^2, t^ = t / max(|t|, eps)) from three channel
+    sums (:func:`channel_sum_conv`): 1/2 (t.t / m_t + s.s / m_s) - t.s / (sqrt(m_t) sqrt(m_s)),
+    m = max(x.x, eps^2). Equal up to float32 rounding, without dividing and subtracting whole
+    feature tensors."""
+    t, s = teacher.astype(jnp.float32), student.astype(jnp.float32)
+    tt, ss, ts = channel_sum_conv(t * t), channel_sum_conv(s * s), channel_sum_conv(t * s)
+    mt, ms = jnp.maximum(tt, eps * eps), jnp.maximum(ss, eps * eps)
+    return 0.5 * (tt / mt + ss / ms) - ts / (jnp.sqrt(mt) * jnp.sqrt(ms))
+
+
+def export_distance(distance: Any) -> Any:
+    """The form of ``distance`` the export traces: :func:`squared_l2_channel_sums` for the
+    built-in ``squared_l2``, any other registered distance as it is."""
+    if getattr(distance, "fn", None) is distances.distance_map and not distance.kwargs:
+        return dataclasses.replace(distance, fn=squared_l2_channel_sums)
+    return distance
+
+
 def export_spec(spec: MapSpec) -> MapSpec:
     """``spec`` with the ONNX-convertible resize and smoothing (:func:`resize_matmul`,
-    :func:`gaussian_smooth_matmul`); the distance and fusion rule unchanged."""
-    return dataclasses.replace(spec, resize=resize_matmul, smooth=gaussian_smooth_matmul)
+    :func:`gaussian_smooth_matmul`) and :func:`export_distance`; the fusion rule unchanged."""
+    return dataclasses.replace(spec, resize=resize_matmul, smooth=gaussian_smooth_matmul,
+                               distance=export_distance(spec.distance))
 
 
 def optimize_graph(model: Any) -> Any:
