@@ -22,7 +22,10 @@ DISTANCES = Registry("distance", "maps.distance")
 register_distance = DISTANCES.register
 
 
-def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+NORM_EPS = 1e-12  # the smallest norm l2_normalize divides by (torch F.normalize's default)
+
+
+def l2_normalize(x: Array, eps: float = NORM_EPS) -> Array:
     """Eq. 1: features divided by their L2 norm along channels (as torch F.normalize)."""
     x = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))

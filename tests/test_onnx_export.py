@@ -54,8 +54,8 @@ def test_squared_l2_channel_sums_is_the_distance():
         np.testing.assert_allclose(got, distances.distance_map(a, b), rtol=0, atol=3e-7)
     spec = anomaly_maps.MapSpec.from_config(ml_collections.ConfigDict(
         {"distance": "squared_l2", "fusion": "multiply", "smoothing_sigma": 0.0}))
-    assert ox.export_spec(spec).distance.fn is ox.squared_l2_channel_sums
-    assert ox.export_spec(spec).distance.name == "squared_l2"
+    exported = ox.export_spec(spec).distance
+    assert exported.fn is ox.squared_l2_channel_sums and exported.name == "squared_l2"
 
 
 def test_fold_pad_into_max_pool_keeps_values():

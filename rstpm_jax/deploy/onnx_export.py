@@ -65,6 +65,7 @@ from rstpm_jax import distances
 from rstpm_jax.anomaly_maps import MapSpec
 from rstpm_jax.inference import make_infer_fn
 from rstpm_jax.models.rstpm import RSTPM, build_model
+from rstpm_jax.registry import Bound
 
 Array = jax.Array
 INPUT_NAME = "images"
@@ -146,7 +147,7 @@ def channel_sum_conv(x: Array) -> Array:
     return y[..., 0]
 
 
-def squared_l2_channel_sums(teacher: Array, student: Array, eps: float = 1e-12) -> Array:
+def squared_l2_channel_sums(teacher: Array, student: Array, eps: float = distances.NORM_EPS) -> Array:
     """``distances.distance_map`` (1/2 ||t^ - s^||^2, t^ = t / max(|t|, eps)) from three channel
     sums (:func:`channel_sum_conv`): 1/2 (t.t / m_t + s.s / m_s) - t.s / (sqrt(m_t) sqrt(m_s)),
     m = max(x.x, eps^2). Equal up to float32 rounding, without dividing and subtracting whole
@@ -157,10 +158,10 @@ def squared_l2_channel_sums(teacher: Array, student: Array, eps: float = 1e-12) 
     return 0.5 * (tt / mt + ss / ms) - ts / (jnp.sqrt(mt) * jnp.sqrt(ms))
 
 
-def export_distance(distance: Any) -> Any:
+def export_distance(distance: Bound) -> Bound:
     """The form of ``distance`` the export traces: :func:`squared_l2_channel_sums` for the
     built-in ``squared_l2``, any other registered distance as it is."""
-    if getattr(distance, "fn", None) is distances.distance_map and not distance.kwargs:
+    if distance.fn is distances.distance_map and not distance.kwargs:
         return dataclasses.replace(distance, fn=squared_l2_channel_sums)
     return distance
 

@@ -36,18 +36,22 @@ SCOPE = ("convolutions only, except the stems reading the image and the distance
 _PASS_THROUGH = {"Transpose", "Convert", "Reshape"}
 
 
+def _source(op: Any, index: int, through: set[str] | frozenset[str]) -> Any:
+    """The node that feeds ``op``'s input ``index``, past any ops of the types ``through``."""
+    src = op.input_value(index).get_node()
+    while src.get_type_name() in through:
+        src = src.input_value(0).get_node()
+    return src
+
+
+def _convolutions(model: Any) -> list[Any]:
+    return [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+
+
 def stem_convolutions(model: Any) -> list[str]:
     """Names of the convolutions whose data input is the graph's input (through layout ops)."""
-    out = []
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "Convolution":
-            continue
-        src = op.input_value(0).get_node()
-        while src.get_type_name() in _PASS_THROUGH:
-            src = src.input_value(0).get_node()
-        if src.get_type_name() == "Parameter":
-            out.append(op.get_friendly_name())
-    return out
+    return [op.get_friendly_name() for op in _convolutions(model)
+            if _source(op, 0, _PASS_THROUGH).get_type_name() == "Parameter"]
 
 
 def channel_sum_convolutions(model: Any) -> list[str]:
@@ -55,15 +59,10 @@ def channel_sum_convolutions(model: Any) -> list[str]:
     (``onnx_export.channel_sum_conv``). Their inputs are products of features whose small
     differences are the map, far finer than int8 resolves."""
     out = []
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "Convolution":
-            continue
-        src = op.input_value(1).get_node()
-        while src.get_type_name() == "Convert":
-            src = src.input_value(0).get_node()
-        if src.get_type_name() != "Constant" or tuple(src.get_output_shape(0))[2:] != (1, 1):
-            continue
-        if np.all(src.get_data() == 1):
+    for op in _convolutions(model):
+        kernel = _source(op, 1, {"Convert"})
+        if (kernel.get_type_name() == "Constant" and tuple(kernel.get_output_shape(0))[2:] == (1, 1)
+                and np.all(kernel.get_data() == 1)):
             out.append(op.get_friendly_name())
     return out
 
@@ -143,7 +142,7 @@ def openvino_int8(onnx_path: str, calibration: np.ndarray, out_xml: str, subset_
     widened = widen_activation_ranges(quantized, headroom) if headroom != 1 else 0
     ov.save_model(quantized, out_xml)
     int8_agreement, _ = validate(ov.Core().compile_model(quantized, "CPU", F32), items)
-    convs = sum(1 for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
+    convs = len(_convolutions(model))
     return {"tool": f"nncf {nncf.__version__}" + (" (quantize_with_accuracy_control)" if max_drop else ""),
             "scope": SCOPE, "calibration_examples": n, "float_stems": len(stems),
             "float_channel_sums": len(sums), "convolutions": convs,
