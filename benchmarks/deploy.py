@@ -12,8 +12,11 @@ Random weights (speed does not depend on them). This project's model is exported
   layers, ``compile_options.jit``; bf16 = ``model.dtype`` bfloat16);
 - ``onnxruntime f32``: ONNX Runtime's CPU provider, all graph optimisations;
 - ``openvino f32`` / ``bf16`` (the inference-precision hint; native where the CPU has
-  AVX512-BF16 or AMX, printed) / ``int8`` (NNCF, convolutions only, calibrated on
-  ``--calib_images`` random images, as ``--precision int8`` exports).
+  AVX512-BF16 or AMX, printed; the distance kept float32, as ``runtime.OpenVINOModel`` does) /
+  ``int8`` (NNCF, convolutions only, calibrated on ``--calib_images`` random images, as
+  ``--precision int8`` exports);
+- ``openvino bf16, bf16 distance``: bf16 with the distance in bfloat16 too, what keeping it
+  float32 costs.
 
 ``--torch`` adds the PyTorch STFPM of ``benchmarks/torch_stfpm.py`` (ResNet18 teacher and
 student to layer3, the STFPM map): ``torch eager f32`` (denormals flushed), and the same
@@ -58,6 +61,9 @@ import numpy as np  # noqa: E402
 from bench_memory import peak_rss_bytes  # noqa: E402
 
 Runner = Callable[[np.ndarray], np.ndarray]  # NHWC float32 batch -> (B, H, W) map
+# OpenVINO bf16 with the distance in bfloat16 too (runtime.OpenVINOModel(float32_distance=False)):
+# what keeping it float32, the default, costs.
+BF16_DISTANCE = "openvino bf16, bf16 distance"
 
 
 def log(msg: str) -> None:
@@ -143,6 +149,8 @@ def project_paths(config: Any, image_size: int, tmp: str, calib: np.ndarray, rec
         for prec in ("f32", "bf16"):
             runners[f"openvino {prec}"] = _map_of(_built(rec, f"openvino {prec}",
                                                          lambda p=prec: runtime.OpenVINOModel(onnx_path, p, {})))
+        runners[BF16_DISTANCE] = _map_of(_built(rec, BF16_DISTANCE, lambda: runtime.OpenVINOModel(
+            onnx_path, "bf16", {}, float32_distance=False)))
         ir = _int8(quantize, onnx_path, calib, os.path.join(tmp, "model.int8.xml"), rec, "int8")
         if ir:
             runners["openvino int8"] = _map_of(_built(rec, "openvino int8",

@@ -195,7 +195,7 @@ def evaluated_infer(config: ml_collections.ConfigDict, source: Source, category:
     if stats is not None and exported.meta.get("map_statistics") != stats:
         raise ValueError(f"eval.artifact {config.eval.get('artifact')!r} was exported with other map statistics than "
                          f"{category}'s held-out images give; export it again from this workdir.")
-    return exported, {"backend": backend, "precision": precision,
+    return exported, {"backend": backend, "precision": precision, "float32_ops": exported.float32_ops,
                       "artifact": {k: exported.meta.get(k) for k in ("format", "opset", "files", "sha256",
                                                                      "int8", "versions")}}, stats
 

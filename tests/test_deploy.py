@@ -168,6 +168,7 @@ def test_evaluation_through_the_int8_artifact(base, tiled, artifacts):
     int8 = json.load(open(os.path.join(folder, "results.json")))
     assert int8["deployment"]["backend"] == "openvino" and int8["deployment"]["precision"] == "int8"
     assert int8["deployment"]["artifact"]["int8"]["quantised_ops"] > 0
+    assert int8["deployment"]["float32_ops"] == 0  # what the bf16 hint keeps float32: none here
     assert int8["metrics"]["num_pixels"] == f32["metrics"]["num_pixels"]
     assert abs(int8["pixel_auroc"] - f32["pixel_auroc"]) < 0.01
     assert abs(int8["image_auroc"] - f32["image_auroc"]) < 0.05  # 16 test images: steps of 1/48

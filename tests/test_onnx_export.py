@@ -172,3 +172,53 @@ def test_onnx_round_trip_equals_jax(tmp_path, get_config, name, fusion, sigma):
             assert got["map"].shape == ref["map"].shape and got["score"].shape == ref["score"].shape
             assert _rel(got["map"], ref["map"]) < 1e-4, backend
             assert _rel(got["score"], ref["score"]) < 1e-4, backend
+
+
+def test_openvino_bf16_keeps_the_distance_in_float32(tmp_path, get_config):
+    """Under the bf16 hint the channel sums and every op after them run in float32 (marked with
+    OpenVINO's DisablePrecisionConversion through an IR round trip); the features' convolutions
+    stay bfloat16, and ``float32_distance=False`` leaves the distance to bfloat16."""
+    pytest.importorskip("jax2onnx")
+    ov = pytest.importorskip("openvino")
+    from rstpm_jax.anomaly_maps import MapSpec
+    from rstpm_jax.deploy import mixed_precision, quantize, runtime
+    from rstpm_jax.models.rstpm import build_model
+
+    size = 32
+    config = get_config("stpm")
+    config.model.random_teachers = True
+    model = build_model(config.model)
+    tv, sv = jax.device_get(jax.jit(lambda k: model.init(k, (1, size, size, 3)))(jax.random.key(0)))
+    path = str(tmp_path / "model.onnx")
+    ox.export_trained(config.model, MapSpec.from_config(config.maps), tv, sv, (size, size), path)
+
+    graph = ov.Core().read_model(path)
+    sums = set(quantize.channel_sum_convolutions(graph))
+    scope = set(mixed_precision.distance_scope(graph))
+    assert len(sums) == 9 and sums < scope
+    convs = {op.get_friendly_name() for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"}
+    assert scope & convs == sums  # no feature convolution in float32
+    producers = {r.input_value(0).get_node().get_friendly_name() for r in graph.get_results()}
+    assert producers <= scope  # ... to the outputs
+
+    marked = mixed_precision.keep_float32(graph, sorted(scope))
+    keyed = {op.get_friendly_name() for op in marked.get_ordered_ops()
+             if mixed_precision.RT_INFO_KEY in op.get_rt_info()}
+    assert keyed == scope
+    with pytest.raises(ValueError, match="no layer named"):
+        mixed_precision.keep_float32(graph, ["not_a_layer"])
+
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+    ref = runtime.OpenVINOModel(path, "f32", {})(x)
+    precisions = {}
+    for keep in (True, False):
+        m = runtime.OpenVINOModel(path, "bf16", {}, float32_distance=keep)
+        assert m.float32_ops == (len(scope) if keep else 0)
+        got = m(x)
+        assert _rel(got["map"], ref["map"]) < 0.1 and _rel(got["score"], ref["score"]) < 0.1
+        infos = [op.get_rt_info() for op in m.compiled.get_runtime_model().get_ordered_ops()]
+        precisions[keep] = {rt["runtimePrecision"].astype(str) for rt in infos
+                            if set(rt["originalLayersNames"].astype(str).split(",")) & sums}
+    if not runtime.bf16_capable():
+        pytest.skip("no native bfloat16 on this CPU: OpenVINO runs the bf16 hint in float32")
+    assert precisions == {True: {"f32"}, False: {"bf16"}}

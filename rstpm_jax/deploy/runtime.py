@@ -7,7 +7,8 @@
 An artifact is the file ``python -m rstpm_jax.export`` wrote and its sidecar ``<file>.json``:
 ``.jaxexport`` (needs jax alone) or ``.onnx`` (needs onnxruntime or openvino; the sidecar may
 name an OpenVINO int8 IR beside it). Precisions: ``f32``; ``bf16`` (jax: an artifact exported
-in bfloat16; openvino: its inference-precision hint, native on CPUs with AVX512-BF16 or AMX);
+in bfloat16; openvino: its inference-precision hint, native on CPUs with AVX512-BF16 or AMX,
+the distance kept float32);
 ``int8`` (openvino: the int8 IR, convolutions in int8, the rest float32). Nothing here imports
 TensorFlow, flax or the model code.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from rstpm_jax.data.preprocess import NORM_OFFSET, NORM_SCALE
+from rstpm_jax.deploy import mixed_precision
 
 BACKENDS = ("jax", "onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16", "int8")
@@ -112,6 +114,7 @@ class Artifact:
 
     backend = ""
     precision = "f32"
+    float32_ops = 0  # ops kept float32 under a lower precision (OpenVINO bf16: the distance)
 
     def __init__(self, meta: dict):
         self.meta = meta
@@ -192,13 +195,15 @@ class OpenVINOModel(Artifact):
 
     ``precision``: ``"f32"`` or ``"bf16"`` (OpenVINO's inference-precision hint; bfloat16 where
     the CPU has AVX512-BF16 or AMX) for the float model; ``"int8"`` for an int8 IR (its
-    quantised convolutions in int8, the other ops float32).
+    quantised convolutions in int8, the other ops float32). In bf16 the distance's channel sums
+    and everything after them stay float32 (``mixed_precision.float32_distance``; their count is
+    ``float32_ops``) unless ``float32_distance=False``.
     """
 
     backend = "openvino"
 
     def __init__(self, path: str, precision: str = "f32", meta: dict | None = None, threads: int = 0,
-                 hint: str = "LATENCY"):
+                 hint: str = "LATENCY", float32_distance: bool = True):
         super().__init__(read_sidecar(path) if meta is None else meta)
         import openvino as ov  # noqa: PLC0415
 
@@ -212,7 +217,11 @@ class OpenVINOModel(Artifact):
                                "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(path, "CPU", cfg)
+        core = ov.Core()
+        model = core.read_model(path)
+        if precision == "bf16" and float32_distance:
+            model, self.float32_ops = mixed_precision.float32_distance(model)
+        self.compiled = core.compile_model(model, "CPU", cfg)
         self.request = self.compiled.create_infer_request()
         self._outs = {o.get_any_name(): o for o in self.compiled.outputs}
 
