@@ -82,10 +82,12 @@ def test_stop_on_signal_sets_a_flag_and_restores_the_handlers():
     before = signal.getsignal(signal.SIGINT)
     with guards.StopOnSignal() as stop:
         assert not stop.requested
-        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread before kill returns
+        # raise_signal, not os.kill: a process-directed signal may go to another thread (OpenVINO's,
+        # XLA's) and arrive after the handlers are restored, which killed a pytest worker.
+        signal.raise_signal(signal.SIGTERM)  # this thread's: handled before it returns
         assert stop.requested and stop.signal_name == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: out at once
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
 
 
