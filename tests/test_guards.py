@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -78,17 +77,29 @@ def test_a_second_process_is_refused_while_the_first_holds_the_lock(tmp_path):
         assert lock.taken_over["pid"] == first.pid
 
 
+STOP_ON_SIGNAL = """
+import signal
+import pytest
+from rstpm_jax import guards
+before = signal.getsignal(signal.SIGINT)
+with guards.StopOnSignal() as stop:
+    assert not stop.requested
+    signal.raise_signal(signal.SIGTERM)  # this thread's: handled before it returns
+    assert stop.requested and stop.signal_name == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: out at once
+        signal.raise_signal(signal.SIGINT)
+assert signal.getsignal(signal.SIGINT) is before
+print("ok")
+"""
+
+
 def test_stop_on_signal_sets_a_flag_and_restores_the_handlers():
-    before = signal.getsignal(signal.SIGINT)
-    with guards.StopOnSignal() as stop:
-        assert not stop.requested
-        # raise_signal, not os.kill: a process-directed signal may go to another thread (OpenVINO's,
-        # XLA's) and arrive after the handlers are restored, which killed a pytest worker.
-        signal.raise_signal(signal.SIGTERM)  # this thread's: handled before it returns
-        assert stop.requested and stop.signal_name == "SIGTERM"
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: out at once
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+    """In a fresh process: in a pytest worker that had run the OpenVINO bf16 test, a SIGTERM
+    raised here segfaulted the worker (2026-12-03, not understood yet; see issue 17's notes)."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.run([sys.executable, "-c", STOP_ON_SIGNAL], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_sigint_in_a_loop_stops_it_at_the_next_step(tmp_path):
