@@ -95,7 +95,11 @@ print("ok")
 
 def test_stop_on_signal_sets_a_flag_and_restores_the_handlers():
     """In a fresh process: in a pytest worker that had run the OpenVINO bf16 test, a SIGTERM
-    raised here segfaulted the worker (2026-12-03, not understood yet; see issue 17's notes)."""
+    raised here segfaulted the worker (2026-12-03, Intel Xeon with AMX; see issue 17's notes).
+    Likely cause, unconfirmed (no AMX CPU since): pytest enables faulthandler, whose alternate
+    signal stack CPython 3.11 sizes as SIGSTKSZ + AT_MINSIGSTKSZ, which leaves out AMX tile
+    state (8 KiB); once OpenVINO's bf16 kernels use AMX on the main thread, Python's SA_ONSTACK
+    handler has too little stack left (cf. CPython bpo-46968)."""
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     proc = subprocess.run([sys.executable, "-c", STOP_ON_SIGNAL], capture_output=True, text=True, env=env,
                           timeout=60)
