@@ -156,6 +156,12 @@ def gather_to_all(tree: Any) -> Any:
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
+def replicated_abstract(tree: Any, mesh: Mesh) -> Any:
+    """``tree``'s shapes and dtypes, replicated over ``mesh`` (a restore target)."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place identical host values on every device (params, optimizer state)."""
     sharding = replicated(mesh)

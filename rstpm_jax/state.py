@@ -35,9 +35,15 @@ def _sgd(learning_rate: float, momentum: float, weight_decay: float) -> optax.Gr
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: RSTPM,
                        image_size: int) -> tuple[TrainState, dict]:
     """Fresh students' train state and randomly initialised teacher variables."""
-    teacher_vars, student_vars = model.init(rng, (1, image_size, image_size, 3))
+    return (create_student_state(rng, config, model, image_size),
+            model.init_teachers(rng, (1, image_size, image_size, 3)))
+
+
+def create_student_state(rng: jax.Array, config: ml_collections.ConfigDict, model: RSTPM,
+                         image_size: int) -> TrainState:
+    """``create_train_state``'s students' train state alone (the teachers are not initialised)."""
+    student_vars = model.init_students(rng, (1, image_size, image_size, 3))
     # apply_fn stays None: it is part of the tree structure, and a bound method of a new model
     # object per category would retrace the train step.
-    state = TrainState.create(apply_fn=None, params=student_vars["params"],
-                              batch_stats=student_vars["batch_stats"], tx=make_optimizer(config.train))
-    return state, teacher_vars
+    return TrainState.create(apply_fn=None, params=student_vars["params"],
+                             batch_stats=student_vars["batch_stats"], tx=make_optimizer(config.train))

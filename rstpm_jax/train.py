@@ -273,20 +273,20 @@ def restore_or_init(job: Job, model: RSTPM, source: Source, mesh: jax.sharding.M
     """A job's fresh state (its run's teachers saved once, with their record; the config's
     teachers must be the run's: ``workdir.ensure_teachers``) or its latest checkpoint, on the host."""
     config = job.config
-    state, random_teachers = workdir_lib.init_state(config, model)
-    teacher_host = jax.device_get(checkpoints.teacher_variables(config.model, random_teachers))
+    teacher_host = jax.device_get(workdir_lib.config_teachers(config, model))
     workdir_lib.ensure_teachers(config, job.workdir, sharding.replicate(teacher_host, mesh))
     manager = checkpoints.checkpoint_manager(workdir_lib.checkpoint_dir(job.workdir, job.category),
                                              config.train.keep_checkpoints)
     start_epoch, curve = 0, []
     latest = manager.latest_step()
     if latest is not None:
-        restored, meta = checkpoints.restore(manager, latest, sharding.replicate(state, mesh))
+        target = sharding.replicated_abstract(workdir_lib.abstract_state(config, model), mesh)
+        restored, meta = checkpoints.restore(manager, latest, target)
         state, start_epoch = fleet.host_copy(restored), int(meta["epoch"])
         curve = [list(c) for c in meta.get("holdout_curve", []) if c[0] <= start_epoch]
         logging.info("%s: resumed from the checkpoint of epoch %d.", job.name, start_epoch)
     else:
-        state = jax.device_get(state)
+        state = jax.device_get(workdir_lib.fresh_state(config, model))
     best = None
     if str(config.train.select_epoch) == "best_holdout":
         best = checkpoints.checkpoint_manager(workdir_lib.best_dir(job.workdir, job.category), 1)
@@ -346,7 +346,7 @@ def job_device_bytes(model: RSTPM, config: ml_collections.ConfigDict) -> int:
     momentum, statistics; x3 for the update's temporaries), its teachers, and its batch's
     activations (4 x the teachers' features of the batch: the students' forward and backward)."""
     size, batch = int(config.data.image_size), int(config.train.batch_size)
-    state, teachers = jax.eval_shape(lambda: workdir_lib.init_state(config, model))
+    state, teachers = workdir_lib.abstract_state(config, model), workdir_lib.abstract_teachers(config, model)
     nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
                               if hasattr(x, "shape"))
     per_image = teacher_cache.feature_bytes(model, teachers, size)

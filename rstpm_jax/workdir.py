@@ -23,7 +23,7 @@ from absl import logging
 from rstpm_jax import checkpoints, config_checks, defaults, registry, sharding
 from rstpm_jax.data.tiling import model_input_size
 from rstpm_jax.models.rstpm import RSTPM, build_model
-from rstpm_jax.state import TrainState, create_train_state
+from rstpm_jax.state import TrainState, create_student_state, create_train_state
 
 CONFIG_FILE = "config.json"
 TEACHERS_RECORD = "teachers.json"
@@ -127,6 +127,32 @@ def init_state(config: ml_collections.ConfigDict, model: RSTPM) -> tuple[TrainSt
     """A fresh train state and random teacher variables from ``config.seed`` (for inputs of the
     model's size: ``data.image_size``, or ``data.tile_size`` when tiling)."""
     return create_train_state(jax.random.key(config.seed), config, model, model_input_size(config.data))
+
+
+def fresh_state(config: ml_collections.ConfigDict, model: RSTPM) -> TrainState:
+    """``init_state``'s students' train state alone."""
+    return create_student_state(jax.random.key(config.seed), config, model, model_input_size(config.data))
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: RSTPM) -> TrainState:
+    """The students' train state as ``jax.ShapeDtypeStruct`` leaves (a restore target; nothing is
+    initialised)."""
+    return jax.eval_shape(lambda: fresh_state(config, model))
+
+
+def config_teachers(config: ml_collections.ConfigDict, model: RSTPM) -> dict:
+    """The config's teacher variables (``checkpoints.teacher_variables``): the converted weight
+    files, or with ``model.random_teachers`` those of ``init_state`` (only then initialised)."""
+    size = model_input_size(config.data)
+    init = lambda: model.init_teachers(jax.random.key(config.seed), (1, size, size, 3))  # noqa: E731
+    return checkpoints.teacher_variables(config.model, init() if config.model.random_teachers
+                                         else jax.eval_shape(init))
+
+
+def abstract_teachers(config: ml_collections.ConfigDict, model: RSTPM) -> dict:
+    """The teacher variables' tree as ``jax.ShapeDtypeStruct`` leaves (nothing is initialised)."""
+    size = model_input_size(config.data)
+    return jax.eval_shape(lambda: model.init_teachers(jax.random.key(config.seed), (1, size, size, 3)))
 
 
 # ----------------------------------------------------------------------------- teachers' identity
@@ -294,13 +320,11 @@ def check_teachers_before_training(config: ml_collections.ConfigDict, workdir: s
     ``ensure_teachers`` does, and recorded when they agree)."""
     if check_teachers(config, workdir) or not os.path.isdir(teachers_dir(workdir)):
         return
-    model = create_model(config)
-    _, random_teachers = init_state(config, model)
-    teachers = checkpoints.teacher_variables(config.model, random_teachers)
+    teachers = config_teachers(config, create_model(config))
     ensure_teachers(config, workdir, sharding.replicate(teachers, sharding.make_mesh()))
 
 
-def load_teachers(config: ml_collections.ConfigDict, workdir: str, random_teachers: dict,
+def load_teachers(config: ml_collections.ConfigDict, workdir: str, model: RSTPM,
                   mesh: jax.sharding.Mesh) -> Any:
     """The run's frozen teachers (``WORKDIR/teachers``, else from the config), replicated.
 
@@ -310,9 +334,10 @@ def load_teachers(config: ml_collections.ConfigDict, workdir: str, random_teache
     present), else used with a warning."""
     directory = teachers_dir(workdir)
     if not os.path.isdir(directory):
-        return sharding.replicate(checkpoints.teacher_variables(config.model, random_teachers), mesh)
+        return sharding.replicate(config_teachers(config, model), mesh)
     checked = check_teachers(config, workdir, compare_files=False)
-    teachers = checkpoints.load_variables(directory, sharding.replicate(random_teachers, mesh))
+    teachers = checkpoints.load_variables(directory,
+                                          sharding.replicated_abstract(abstract_teachers(config, model), mesh))
     if checked:
         return teachers
     try:
@@ -322,7 +347,7 @@ def load_teachers(config: ml_collections.ConfigDict, workdir: str, random_teache
                         "are absent: cannot check that its teachers are the config's.", workdir,
                         TEACHERS_RECORD)
         return teachers
-    if not _same_values(teachers, checkpoints.teacher_variables(config.model, random_teachers)):
+    if not _same_values(teachers, config_teachers(config, model)):
         raise teachers_mismatch_error(workdir, [
             f"{directory} (written before teachers.json was recorded) holds other values than the "
             f"config's teachers ({_describe_teacher(wanted['teacher1'])}; teacher2: "
@@ -350,15 +375,15 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, category: str,
     trained category."""
     check_trained(workdir, category)
     model = create_model(config, **model_kwargs)
-    state, random_teachers = init_state(config, model)
-    teacher_vars = load_teachers(config, workdir, random_teachers, mesh)
+    teacher_vars = load_teachers(config, workdir, model, mesh)
     ckpt_dir = selected_checkpoint(config, workdir, category)
     manager = checkpoints.checkpoint_manager(ckpt_dir, config.train.keep_checkpoints)
     try:
         latest = manager.latest_step()
         if latest is None:
             raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint; train {category!r} first.")
-        state, _ = checkpoints.restore(manager, latest, sharding.replicate(state, mesh))
+        state, _ = checkpoints.restore(manager, latest,
+                                       sharding.replicated_abstract(abstract_state(config, model), mesh))
     finally:
         manager.close()
     return model, teacher_vars, {"params": state.params, "batch_stats": state.batch_stats}

@@ -96,13 +96,24 @@ class RSTPM:
 
     def init(self, rng: jax.Array, image_shape: tuple[int, int, int, int]) -> tuple[dict, dict]:
         """Random ``(teacher_variables, student_variables)`` for NHWC ``image_shape``."""
-        x = jnp.zeros(image_shape, jnp.float32)
+        return self.init_teachers(rng, image_shape), self.init_students(rng, image_shape)
+
+    def init_teachers(self, rng: jax.Array, image_shape: tuple[int, int, int, int]) -> dict:
+        """``init``'s random teacher variables alone."""
+        k1, _ = jax.random.split(rng)
+        return self.teachers.init(k1, jnp.zeros(image_shape, jnp.float32))
+
+    def init_students(self, rng: jax.Array, image_shape: tuple[int, int, int, int]) -> dict:
+        """``init``'s student variables alone (``params``, ``batch_stats``).
+
+        Their values depend on the teachers' feature shapes only, so the teachers are neither
+        initialised nor run: zeros of those shapes stand in for their features."""
         k1, k2 = jax.random.split(rng)
-        tvars = self.teachers.init(k1, x)
-        tfeats = self.teachers.apply(tvars, x)
+        x = jnp.zeros(image_shape, jnp.float32)
+        shapes = jax.eval_shape(lambda: self.teachers.apply(self.teachers.init(k1, x), x))
+        tfeats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         svars = self.students.init(k2, x, tfeats, train=False)
-        svars = {k: v for k, v in svars.items() if k in ("params", "batch_stats")}
-        return tvars, svars
+        return {k: v for k, v in svars.items() if k in ("params", "batch_stats")}
 
     def teacher_features(self, teacher_vars: Mapping, x: Array) -> Features:
         return self.teachers.apply(teacher_vars, x)
