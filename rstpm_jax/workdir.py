@@ -23,7 +23,7 @@ from absl import logging
 from rstpm_jax import checkpoints, config_checks, defaults, registry, sharding
 from rstpm_jax.data.tiling import model_input_size
 from rstpm_jax.models.rstpm import RSTPM, build_model
-from rstpm_jax.state import TrainState, create_student_state, create_train_state
+from rstpm_jax.state import TrainState, create_student_state
 
 CONFIG_FILE = "config.json"
 TEACHERS_RECORD = "teachers.json"
@@ -123,14 +123,9 @@ def create_model(config: ml_collections.ConfigDict, **kwargs: Any) -> RSTPM:
     return build_model(config.model, **kwargs)
 
 
-def init_state(config: ml_collections.ConfigDict, model: RSTPM) -> tuple[TrainState, dict]:
-    """A fresh train state and random teacher variables from ``config.seed`` (for inputs of the
-    model's size: ``data.image_size``, or ``data.tile_size`` when tiling)."""
-    return create_train_state(jax.random.key(config.seed), config, model, model_input_size(config.data))
-
-
 def fresh_state(config: ml_collections.ConfigDict, model: RSTPM) -> TrainState:
-    """``init_state``'s students' train state alone."""
+    """A fresh students' train state from ``config.seed`` (for inputs of the model's size:
+    ``data.image_size``, or ``data.tile_size`` when tiling)."""
     return create_student_state(jax.random.key(config.seed), config, model, model_input_size(config.data))
 
 
@@ -140,19 +135,22 @@ def abstract_state(config: ml_collections.ConfigDict, model: RSTPM) -> TrainStat
     return jax.eval_shape(lambda: fresh_state(config, model))
 
 
-def config_teachers(config: ml_collections.ConfigDict, model: RSTPM) -> dict:
-    """The config's teacher variables (``checkpoints.teacher_variables``): the converted weight
-    files, or with ``model.random_teachers`` those of ``init_state`` (only then initialised)."""
+def _random_teachers(config: ml_collections.ConfigDict, model: RSTPM) -> dict:
     size = model_input_size(config.data)
-    init = lambda: model.init_teachers(jax.random.key(config.seed), (1, size, size, 3))  # noqa: E731
-    return checkpoints.teacher_variables(config.model, init() if config.model.random_teachers
-                                         else jax.eval_shape(init))
+    return model.init_teachers(jax.random.key(config.seed), (1, size, size, 3))
 
 
 def abstract_teachers(config: ml_collections.ConfigDict, model: RSTPM) -> dict:
     """The teacher variables' tree as ``jax.ShapeDtypeStruct`` leaves (nothing is initialised)."""
-    size = model_input_size(config.data)
-    return jax.eval_shape(lambda: model.init_teachers(jax.random.key(config.seed), (1, size, size, 3)))
+    return jax.eval_shape(lambda: _random_teachers(config, model))
+
+
+def config_teachers(config: ml_collections.ConfigDict, model: RSTPM) -> dict:
+    """The config's teacher variables (``checkpoints.teacher_variables``): the converted weight
+    files, or with ``model.random_teachers`` random ones from ``config.seed`` (only then
+    initialised)."""
+    return checkpoints.teacher_variables(config.model, _random_teachers(config, model)
+                                         if config.model.random_teachers else abstract_teachers(config, model))
 
 
 # ----------------------------------------------------------------------------- teachers' identity

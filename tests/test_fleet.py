@@ -65,7 +65,7 @@ for g, a in zip(group, alone):
     _, _, pg = workdir.load_trained(g.config, g.workdir, g.category, mesh)
     _, _, pa = workdir.load_trained(a.config, a.workdir, a.category, mesh)
     m0 = workdir.create_model(a.config)
-    s0, _ = workdir.init_state(a.config, m0)
+    s0 = workdir.fresh_state(a.config, m0)
     leaves = lambda t: [np.asarray(x, np.float64) for x in jax.tree.leaves(t)]
     moved = max(float(np.max(np.abs(y - z))) for y, z in zip(leaves(pa["params"]), leaves(s0.params)))
     err = max(float(np.max(np.abs(x - y))) for x, y in zip(leaves(pg["params"]), leaves(pa["params"])))
