@@ -250,7 +250,7 @@ def _tiny_openvino_model(path):
     import openvino as ov
     import openvino.opset13 as ops
     rng = np.random.default_rng(0)
-    x = ops.parameter([-1, 8, 8, 3], np.float32, name="image")
+    x = ops.parameter([-1, 8, 8, 3], np.float32, name=runtime.INPUT_NAME)
     h = ops.transpose(x, ops.constant(np.array([0, 3, 1, 2], np.int64)))
     for cin in (3, 4):
         w = ops.constant(rng.standard_normal((4, cin, 3, 3)).astype(np.float32))
@@ -266,9 +266,7 @@ def _tiny_openvino_model(path):
 def test_int8_headroom_keeps_activations_beyond_the_normal_range_unclipped(tmp_path, headroom):
     """A 'defect' image whose activations are 1.8x the calibration's largest is clipped by the
     calibrated int8 ranges (headroom 1) and not by twice them (the default, headroom 2)."""
-    import openvino as ov
-
-    from rstpm_jax.deploy import quantize
+    from rstpm_jax.deploy import openvino_core, quantize
     src = str(tmp_path / "tiny.xml")
     _tiny_openvino_model(src)
     calibration = np.random.default_rng(1).uniform(0, 1, (16, 8, 8, 3)).astype(np.float32)
@@ -276,7 +274,7 @@ def test_int8_headroom_keeps_activations_beyond_the_normal_range_unclipped(tmp_p
     meta = quantize.openvino_int8(src, calibration, out, headroom=headroom)
     assert meta["activation_headroom"] == headroom
     assert meta["widened_activation_ranges"] == (1 if headroom != 1 else 0)  # the second conv's input
-    core = ov.Core()
+    core = openvino_core.core()
     defect = 1.8 * calibration[:4]  # everything after the (linear, float) stem scales by 1.8
     ref = core.compile_model(src, "CPU", quantize.F32)(defect)["map"]
     got = core.compile_model(out, "CPU", quantize.F32)(defect)["map"]
@@ -287,3 +285,40 @@ def test_int8_headroom_keeps_activations_beyond_the_normal_range_unclipped(tmp_p
         assert error < 0.02, error  # int8 rounding only (measured 0.012, as on the calibration images)
     with pytest.raises(ValueError, match="eval.int8_headroom"):
         quantize.openvino_int8(src, calibration, str(tmp_path / "bad.xml"), headroom=0.5)
+
+
+SIGNAL_AFTER_OPENVINO = """
+import gc, signal, sys
+import numpy as np
+from rstpm_jax import guards
+from rstpm_jax.deploy import quantize, runtime
+src, out = sys.argv[1:3]
+x = np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 3)).astype(np.float32)
+quantize.openvino_int8(src, x, out)  # NNCF compiles models of its own
+first = runtime.OpenVINOModel(src, "f32", {})
+second = runtime.OpenVINOModel(out, "int8", {})
+first(x), second(x)
+del first
+gc.collect()
+del second  # dropped in the order they were made
+gc.collect()
+with guards.StopOnSignal() as stop:
+    signal.raise_signal(signal.SIGTERM)
+print("stopped" if stop.requested else "missed")
+"""
+
+
+def test_a_signal_after_openvino_models_are_dropped_is_handled(tmp_path):
+    """OpenVINO's CPU plugin gives each Core a new alternate signal stack and unmaps it when the
+    Core goes, setting back the one it found: two Cores dropped in the order they were made left
+    an unmapped stack, and the SIGTERM that StopOnSignal turns into a checkpoint then killed the
+    process with SIGSEGV (rc -11; a pytest worker on 2026-12-03). With one Core for the process
+    (deploy.openvino_core) the signal is handled."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    src = str(tmp_path / "tiny.xml")
+    _tiny_openvino_model(src)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_OPENVINO, src, str(tmp_path / "int8.xml")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert (proc.returncode, proc.stdout.strip().splitlines()[-1:]) == (0, ["stopped"]), proc.stderr[-2000:]

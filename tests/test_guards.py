@@ -94,12 +94,11 @@ print("ok")
 
 
 def test_stop_on_signal_sets_a_flag_and_restores_the_handlers():
-    """In a fresh process: in a pytest worker that had run the OpenVINO bf16 test, a SIGTERM
-    raised here segfaulted the worker (2026-12-03, Intel Xeon with AMX; see issue 17's notes).
-    Likely cause, unconfirmed (no AMX CPU since): pytest enables faulthandler, whose alternate
-    signal stack CPython 3.11 sizes as SIGSTKSZ + AT_MINSIGSTKSZ, which leaves out AMX tile
-    state (8 KiB); once OpenVINO's bf16 kernels use AMX on the main thread, Python's SA_ONSTACK
-    handler has too little stack left (cf. CPython bpo-46968)."""
+    """In a fresh process, so that no earlier test's native libraries touch its signal state. A
+    pytest worker that had run the OpenVINO bf16 test segfaulted here (2026-12-03): each OpenVINO
+    Core the project made then left an alternate signal stack behind it, unmapped once two were
+    dropped in the order they were made (found 2026-12-08; one Core for the process since, see
+    deploy.openvino_core and test_deploy's test_a_signal_after_openvino_models_are_dropped_is_handled)."""
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     proc = subprocess.run([sys.executable, "-c", STOP_ON_SIGNAL], capture_output=True, text=True, env=env,
                           timeout=60)

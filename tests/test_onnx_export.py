@@ -179,9 +179,9 @@ def test_openvino_bf16_keeps_the_distance_in_float32(tmp_path, get_config):
     OpenVINO's DisablePrecisionConversion through an IR round trip); the features' convolutions
     stay bfloat16, and ``float32_distance=False`` leaves the distance to bfloat16."""
     pytest.importorskip("jax2onnx")
-    ov = pytest.importorskip("openvino")
+    pytest.importorskip("openvino")
     from rstpm_jax.anomaly_maps import MapSpec
-    from rstpm_jax.deploy import mixed_precision, quantize, runtime
+    from rstpm_jax.deploy import mixed_precision, openvino_core, quantize, runtime
     from rstpm_jax.models.rstpm import build_model
 
     size = 32
@@ -192,7 +192,7 @@ def test_openvino_bf16_keeps_the_distance_in_float32(tmp_path, get_config):
     path = str(tmp_path / "model.onnx")
     ox.export_trained(config.model, MapSpec.from_config(config.maps), tv, sv, (size, size), path)
 
-    graph = ov.Core().read_model(path)
+    graph = openvino_core.core().read_model(path)
     sums = set(quantize.channel_sum_convolutions(graph))
     scope = set(mixed_precision.distance_scope(graph))
     assert len(sums) == 9 and sums < scope

@@ -21,6 +21,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from typing import Any
 
+from rstpm_jax.deploy import openvino_core
 from rstpm_jax.deploy.quantize import channel_sum_convolutions
 
 # OpenVINO's runtime attribute (rt_info) and its value: no conversion from any type to any type.
@@ -68,9 +69,8 @@ def keep_float32(model: Any, names: list[str]) -> Any:
         if marked != wanted:
             raise ValueError(f"no layer named {sorted(wanted - marked)[:5]} in the model's IR.")
         tree.write(xml)
-        core = ov.Core()
-        core.set_property({"ENABLE_MMAP": False})  # the weights in memory: the folder goes next
-        return core.read_model(xml)
+        # The weights read into memory, not mapped: the folder goes next.
+        return openvino_core.core().read_model(xml, config={"ENABLE_MMAP": False})
 
 
 def float32_distance(model: Any) -> tuple[Any, int]:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from rstpm_jax.deploy import openvino_core
+
 # Ops that are never quantised themselves (graph inputs/outputs, constants).
 _STRUCTURAL = {"Parameter", "Result", "Constant"}
 QUANTISED_OPS = ("Convolution",)
@@ -116,14 +118,14 @@ def openvino_int8(onnx_path: str, calibration: np.ndarray, out_xml: str, subset_
     if len(calibration) == 0:
         raise ValueError("int8 quantisation needs calibration images (held-out normal images): the "
                          "category has none (data.holdout_fraction=0?).")
-    model = ov.Core().read_model(onnx_path)
+    model = openvino_core.core().read_model(onnx_path)
     others = sorted({op.get_type_name() for op in model.get_ordered_ops()} - _STRUCTURAL - set(QUANTISED_OPS))
     stems = stem_convolutions(model)
     sums = channel_sum_convolutions(model)
     items = [(i, calibration[i:i + 1]) for i in range(len(calibration))]
     data = nncf.Dataset(items, lambda item: item[1])
     n = min(len(calibration), int(subset_size))
-    reference = _outputs(ov.Core().compile_model(model, "CPU", F32), items)
+    reference = _outputs(openvino_core.core().compile_model(model, "CPU", F32), items)
     scale = float(np.std(reference["map"]))
 
     def validate(compiled: Any, batch: Any) -> tuple[float, list[float]]:
@@ -141,7 +143,7 @@ def openvino_int8(onnx_path: str, calibration: np.ndarray, out_xml: str, subset_
         quantized = nncf.quantize(model, data, subset_size=n, ignored_scope=scope)
     widened = widen_activation_ranges(quantized, headroom) if headroom != 1 else 0
     ov.save_model(quantized, out_xml)
-    int8_agreement, _ = validate(ov.Core().compile_model(quantized, "CPU", F32), items)
+    int8_agreement, _ = validate(openvino_core.core().compile_model(quantized, "CPU", F32), items)
     convs = len(_convolutions(model))
     return {"tool": f"nncf {nncf.__version__}" + (" (quantize_with_accuracy_control)" if max_drop else ""),
             "scope": SCOPE, "calibration_examples": n, "float_stems": len(stems),

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from rstpm_jax.data.preprocess import NORM_OFFSET, NORM_SCALE
-from rstpm_jax.deploy import mixed_precision
+from rstpm_jax.deploy import mixed_precision, openvino_core
 
 BACKENDS = ("jax", "onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16", "int8")
@@ -205,8 +205,6 @@ class OpenVINOModel(Artifact):
     def __init__(self, path: str, precision: str = "f32", meta: dict | None = None, threads: int = 0,
                  hint: str = "LATENCY", float32_distance: bool = True):
         super().__init__(read_sidecar(path) if meta is None else meta)
-        import openvino as ov  # noqa: PLC0415
-
         if precision not in SUPPORTED["openvino"]:
             raise ValueError(f"OpenVINO precision must be one of {SUPPORTED['openvino']}, got {precision!r}.")
         self.precision = precision
@@ -217,7 +215,7 @@ class OpenVINOModel(Artifact):
                                "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = threads
-        core = ov.Core()
+        core = openvino_core.core()
         model = core.read_model(path)
         if precision == "bf16" and float32_distance:
             model, self.float32_ops = mixed_precision.float32_distance(model)
