@@ -15,15 +15,47 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from rstpm_jax import reports
+from rstpm_jax import metrics, reports
 from rstpm_jax.evaluate import Evaluation
+
+VS_FLOAT32 = reports.VS_FLOAT32  # deployment key (and row prefix) of compare_with_float32
 
 
 def row(evaluation: Evaluation) -> dict[str, Any]:
-    """The category's flat result (metrics, test-image count, thresholds, seconds)."""
+    """The category's flat result (metrics, test-image count, thresholds, seconds, and the
+    comparison with the float32 evaluation as ``vs_float32/<key>``)."""
+    vs = evaluation.deployment.get(VS_FLOAT32) or {}
     return {**evaluation.metrics, "num_test_images": evaluation.num_test_images,
-            "thresholds": evaluation.thresholds, "eval_seconds": evaluation.seconds}
+            "thresholds": evaluation.thresholds, "eval_seconds": evaluation.seconds,
+            **{f"{VS_FLOAT32}/{k}": v for k, v in vs.items()}}
+
+
+def compare_with_float32(workdir: str, evaluation: Evaluation) -> dict[str, float] | None:
+    """An evaluation through another backend or precision against the float32 (jax) one of
+    the same workdir (``WORKDIR/<category>/test_scores.csv`` and ``results.json``): the change
+    of image and pixel AUROC and ``metrics.score_agreement`` (swapped normal/defect pairs, the
+    AUROC of one pair, the largest relative score change). None where that evaluation is not
+    there (host 0 only: the others hold no scores); a warning where it scored other images."""
+    cat_dir = os.path.join(workdir, evaluation.category)
+    paths = [os.path.join(cat_dir, f) for f in ("test_scores.csv", "results.json")]
+    if not evaluation.scores or not all(os.path.isfile(p) for p in paths):
+        return None
+    with open(paths[0], newline="") as f:
+        reference = {r["file"]: float(r["score"]) for r in csv.DictReader(f)}
+    files = [p for p, _, _ in evaluation.scores]
+    if sorted(files) != sorted(reference):
+        logging.warning("%s scored other test images than this evaluation (%d against %d): no comparison "
+                        "with float32; evaluate float32 again (eval.backend=jax, eval.precision=f32).",
+                        paths[0], len(reference), len(files))
+        return None
+    f32 = reports.read_category_results(paths[1])
+    out = {k: float(evaluation.metrics.get(k, float("nan"))) - float(f32.get(k, float("nan")))
+           for k in ("image_auroc", "pixel_auroc")}
+    return {**out, **metrics.score_agreement(np.array([lbl for _, lbl, _ in evaluation.scores]),
+                                             np.array([reference[p] for p in files]),
+                                             np.array([s for _, _, s in evaluation.scores]))}
 
 
 def eval_subdir(config: ml_collections.ConfigDict) -> str:

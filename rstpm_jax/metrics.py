@@ -293,6 +293,26 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray, name: str, missing: li
     return out
 
 
+def score_agreement(labels: np.ndarray, reference: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """How ``scores`` (one model's image scores) rank the test images against ``reference``
+    (another model's, e.g. float32's, for the same images in the same order). A normal/defect
+    pair is swapped where the two models order it differently (to or from a tie: half), and
+    image AUROC can move by at most ``swapped_pairs * auroc_step``, ``auroc_step = 1 / pairs``
+    being the smallest change the test set can show. ``max_rel_score_change``: the largest
+    ``|score - reference| / |reference|``."""
+    labels = np.asarray(labels, bool)
+    reference, scores = np.asarray(reference, np.float64), np.asarray(scores, np.float64)
+
+    def order(s: np.ndarray) -> np.ndarray:  # [normal, defect]: +1 where the defect scores higher
+        return np.sign(s[labels][None, :] - s[~labels][:, None])
+
+    pairs = int(labels.sum() * (~labels).sum())
+    rel = np.abs(scores - reference) / np.maximum(np.abs(reference), np.finfo(np.float64).tiny)
+    return {"pairs": pairs, "swapped_pairs": float(np.abs(order(scores) - order(reference)).sum() / 2),
+            "auroc_step": 1.0 / pairs if pairs else float("nan"),
+            "max_rel_score_change": float(rel.max()) if rel.size else float("nan")}
+
+
 class MetricsAccumulator:
     """Streams test batches; ``compute()`` returns image/pixel AUROC, AUPRO and per-level AUROCs.
 

@@ -98,6 +98,8 @@ def read_category_results(path: str | os.PathLike) -> dict[str, Any]:
 
 
 FAILED = "failed"
+# Row keys ``vs_float32/<key>``: an evaluation through an artifact against the float32 one.
+VS_FLOAT32 = "vs_float32"
 
 
 def failed_row(category: str, error: BaseException | str) -> dict[str, Any]:
@@ -262,6 +264,7 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     md = [f"# {title}", ""]
     md += ["## Pixel AUROC, image AUROC, AUPRO (paper Tables 1-2)", ""] + _md_table(header, body) + [""]
     md += [f"- {n}" for n in notes] + [""]
+    md += _vs_float32_section([r for r in ok_rows if f"{VS_FLOAT32}/pairs" in r])
     md += ["## AUROC at each resolution (paper Table 3)", ""]
     if has_levels:
         md += ["Each resolution's map is the students' maps at that resolution added; "
@@ -290,6 +293,26 @@ def write_summary(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     csv_path = workdir / "results.csv"
     _write_csv(csv_path, ["group", "category"] + metric_keys + paper_cols + ["status", "error"], csv_body)
     return md_path, csv_path
+
+
+def _vs_float32_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """results.md's lines comparing an evaluation through an artifact with the float32 one
+    (none without such rows)."""
+    if not rows:
+        return []
+
+    def v(r: Mapping[str, Any], k: str) -> float:
+        return _value(r, f"{VS_FLOAT32}/{k}")
+
+    body = [[r["category"], _fmt(v(r, "image_auroc"), signed=True),
+             f"{v(r, 'swapped_pairs'):g} of {v(r, 'pairs'):g}", _fmt(v(r, "auroc_step")),
+             _fmt(v(r, "pixel_auroc"), 4, signed=True), f"{v(r, 'max_rel_score_change'):.2%}"] for r in rows]
+    return (["## Against the float32 evaluation", "",
+             "The float32 (jax) evaluation of the same workdir (its test_scores.csv and results.json). A "
+             "swapped pair is a normal and a defect test image that the two models order differently; "
+             "one pair moves image AUROC by 1 / pairs.", ""]
+            + _md_table(["category", "image AUROC Δ", "normal/defect pairs swapped", "one pair",
+                         "pixel AUROC Δ", "largest score change"], body) + [""])
 
 
 # ----------------------------------------------------------------------------- ablations

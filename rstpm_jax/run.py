@@ -87,6 +87,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 job.config, source, job.category, model, teacher_vars, student_vars, mesh,
                 artifact_dir=artifacts.category_dir(job.workdir, job.category, job.config))
             evaluation.selection = workdir_lib.selection_record(job.config, job.workdir, job.category)
+            if artifacts.eval_subdir(job.config):  # through an artifact: its cost against float32
+                vs = artifacts.compare_with_float32(job.workdir, evaluation)
+                evaluation.deployment[artifacts.VS_FLOAT32] = vs
+                if vs:
+                    logging.info("%s against float32: image AUROC %+.4f (%g of %d normal/defect pairs swapped), "
+                                 "pixel AUROC %+.4f, scores within %.2g", job.name, vs["image_auroc"],
+                                 vs["swapped_pairs"], vs["pairs"], vs["pixel_auroc"], vs["max_rel_score_change"])
             artifacts.write_category(job.workdir, evaluation, job.config)
             rows[job.name] = artifacts.row(evaluation)
         except (OSError, ValueError, RuntimeError) as e:  # the others' evaluations go on

@@ -21,7 +21,7 @@ PACKAGE = os.path.join(REPO_ROOT, "rstpm_jax")
 LAYERS = [
     {"levels", "registry", "defaults", "ablations", "paper_results", "guards", "data.mvtec", "data.preprocess",
      "ops.compile_options", "ops.conv", "ops.pool", "ops.batch_norm", "jobs", "data.tiling",
-     "deploy.runtime", "deploy.quantize", "deploy.mixed_precision"},
+     "deploy.openvino_core", "deploy.runtime", "deploy.quantize", "deploy.mixed_precision"},
     {"distances", "losses", "anomaly_maps", "metrics", "sharding", "figures", "reports",
      "models.layers", "models.resnet", "models.pretrained", "models.attention", "models.students",
      "models.rstpm", "ops.layers", "data.synthetic", "data.tfds_mvtec", "data.input_pipeline", "data.sources",

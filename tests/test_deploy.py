@@ -174,6 +174,20 @@ def test_evaluation_through_the_int8_artifact(base, tiled, artifacts):
     assert abs(int8["image_auroc"] - f32["image_auroc"]) < 0.05  # 16 test images: steps of 1/48
     assert os.path.isfile(os.path.join(folder, "thresholds.json"))  # its own, beside the float32 ones
     assert json.load(open(os.path.join(workdir, "fabric", "results.json"))) == f32
+    # Its cost against the float32 evaluation, from the two test_scores.csv: recomputed here.
+    vs = int8["deployment"]["vs_float32"]
+    scores = [{r["file"]: (int(r["label"]), float(r["score"])) for r in csv.DictReader(open(os.path.join(d, f)))}
+              for d, f in ((os.path.join(workdir, "fabric"), "test_scores.csv"), (folder, "test_scores.csv"))]
+    normal, defect = ([p for p, (lbl, _) in scores[0].items() if lbl == want] for want in (0, 1))
+    flips = sum((scores[0][d][1] > scores[0][n][1]) != (scores[1][d][1] > scores[1][n][1])
+                for n in normal for d in defect)
+    assert (vs["pairs"], vs["swapped_pairs"]) == (len(normal) * len(defect), flips)
+    assert vs["image_auroc"] == pytest.approx(int8["image_auroc"] - f32["image_auroc"], abs=1e-12)
+    assert abs(vs["image_auroc"]) <= vs["swapped_pairs"] * vs["auroc_step"] + 1e-12
+    assert vs["max_rel_score_change"] == pytest.approx(
+        max(abs(scores[1][p][1] - s) / s for p, (_, s) in scores[0].items()))
+    summary = open(os.path.join(workdir, "eval_openvino_int8", "results.md")).read()
+    assert f"| fabric | {vs['image_auroc']:+.3f} | {flips:g} of {vs['pairs']} |" in summary
 
 
 PEAK = r"""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from rstpm_jax.metrics import MetricsAccumulator, ScoreHistogram, monotone_keys, trapezoid
+from rstpm_jax.metrics import MetricsAccumulator, ScoreHistogram, monotone_keys, score_agreement, trapezoid
 
 
 def _rect_masks(shape, regions):
@@ -301,3 +301,17 @@ def test_label_mask_conflict_warns():
     acc.update(maps, masks, [0, 1])  # image 0 has a defect mask but is labelled normal
     with pytest.warns(UserWarning, match="disagree"):
         acc.compute()
+
+
+def test_score_agreement_counts_the_pairs_two_models_order_differently():
+    """Against sklearn: the AUROC change is the swapped pairs' net effect, one pair 1 / pairs."""
+    labels = np.array([0, 0, 0, 1, 1])
+    ref = np.array([1.0, 2.0, 3.0, 2.5, 4.0])       # one pair wrong already: (3.0, 2.5)
+    got = np.array([1.0, 2.6, 3.0, 2.5, 4.0 * 1.1])  # (2.0 -> 2.6, 2.5) swapped too
+    out = score_agreement(labels, ref, got)
+    assert out["pairs"] == 6 and out["swapped_pairs"] == 1 and out["auroc_step"] == 1 / 6
+    assert roc_auc_score(labels, got) - roc_auc_score(labels, ref) == pytest.approx(-1 / 6)
+    assert out["max_rel_score_change"] == pytest.approx(0.3)
+    tie = score_agreement(labels, ref, np.array([1.0, 2.5, 3.0, 2.5, 4.0]))  # (2.5, 2.5): a tie
+    assert tie["swapped_pairs"] == 0.5
+    assert score_agreement(labels, ref, ref)["swapped_pairs"] == 0
