@@ -299,18 +299,23 @@ def score_agreement(labels: np.ndarray, reference: np.ndarray, scores: np.ndarra
     pair is swapped where the two models order it differently (to or from a tie: half), and
     image AUROC can move by at most ``swapped_pairs * auroc_step``, ``auroc_step = 1 / pairs``
     being the smallest change the test set can show. ``max_rel_score_change``: the largest
-    ``|score - reference| / |reference|``."""
+    ``|score - reference| / |reference|``; ``closest_pair_gap``: the reference's smallest
+    ``|defect - normal| / max(|defect|, |normal|)``, below which a score change can swap a pair."""
     labels = np.asarray(labels, bool)
     reference, scores = np.asarray(reference, np.float64), np.asarray(scores, np.float64)
 
     def order(s: np.ndarray) -> np.ndarray:  # [normal, defect]: +1 where the defect scores higher
         return np.sign(s[labels][None, :] - s[~labels][:, None])
 
+    tiny = np.finfo(np.float64).tiny
     pairs = int(labels.sum() * (~labels).sum())
-    rel = np.abs(scores - reference) / np.maximum(np.abs(reference), np.finfo(np.float64).tiny)
+    rel = np.abs(scores - reference) / np.maximum(np.abs(reference), tiny)
+    gaps = np.abs(reference[labels][None, :] - reference[~labels][:, None]) / np.maximum(
+        np.maximum(np.abs(reference[labels])[None, :], np.abs(reference[~labels])[:, None]), tiny)
     return {"pairs": pairs, "swapped_pairs": float(np.abs(order(scores) - order(reference)).sum() / 2),
             "auroc_step": 1.0 / pairs if pairs else float("nan"),
-            "max_rel_score_change": float(rel.max()) if rel.size else float("nan")}
+            "max_rel_score_change": float(rel.max()) if rel.size else float("nan"),
+            "closest_pair_gap": float(gaps.min()) if pairs else float("nan")}
 
 
 class MetricsAccumulator:

@@ -306,13 +306,15 @@ def _vs_float32_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
     body = [[r["category"], _fmt(v(r, "image_auroc"), signed=True),
              f"{v(r, 'swapped_pairs'):g} of {v(r, 'pairs'):g}", _fmt(v(r, "auroc_step")),
-             _fmt(v(r, "pixel_auroc"), 4, signed=True), f"{v(r, 'max_rel_score_change'):.2%}"] for r in rows]
+             _fmt(v(r, "pixel_auroc"), 4, signed=True), f"{v(r, 'max_rel_score_change'):.2%}",
+             f"{v(r, 'closest_pair_gap'):.2%}"] for r in rows]
     return (["## Against the float32 evaluation", "",
              "The float32 (jax) evaluation of the same workdir (its test_scores.csv and results.json). A "
              "swapped pair is a normal and a defect test image that the two models order differently; "
-             "one pair moves image AUROC by 1 / pairs.", ""]
+             "one pair moves image AUROC by 1 / pairs. A score change larger than float32's closest "
+             "normal/defect gap (relative) can swap a pair.", ""]
             + _md_table(["category", "image AUROC Δ", "normal/defect pairs swapped", "one pair",
-                         "pixel AUROC Δ", "largest score change"], body) + [""])
+                         "pixel AUROC Δ", "largest score change", "float32's closest pair gap"], body) + [""])
 
 
 # ----------------------------------------------------------------------------- ablations

@@ -92,8 +92,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 evaluation.deployment[artifacts.VS_FLOAT32] = vs
                 if vs:
                     logging.info("%s against float32: image AUROC %+.4f (%g of %d normal/defect pairs swapped), "
-                                 "pixel AUROC %+.4f, scores within %.2g", job.name, vs["image_auroc"],
-                                 vs["swapped_pairs"], vs["pairs"], vs["pixel_auroc"], vs["max_rel_score_change"])
+                                 "pixel AUROC %+.4f, scores within %.2g (closest pair %.2g apart)", job.name,
+                                 vs["image_auroc"], vs["swapped_pairs"], vs["pairs"], vs["pixel_auroc"],
+                                 vs["max_rel_score_change"], vs["closest_pair_gap"])
             artifacts.write_category(job.workdir, evaluation, job.config)
             rows[job.name] = artifacts.row(evaluation)
         except (OSError, ValueError, RuntimeError) as e:  # the others' evaluations go on

@@ -186,6 +186,8 @@ def test_evaluation_through_the_int8_artifact(base, tiled, artifacts):
     assert abs(vs["image_auroc"]) <= vs["swapped_pairs"] * vs["auroc_step"] + 1e-12
     assert vs["max_rel_score_change"] == pytest.approx(
         max(abs(scores[1][p][1] - s) / s for p, (_, s) in scores[0].items()))
+    assert vs["closest_pair_gap"] == pytest.approx(min(abs(scores[0][d][1] - scores[0][n][1]) / max(
+        scores[0][d][1], scores[0][n][1]) for n in normal for d in defect))
     summary = open(os.path.join(workdir, "eval_openvino_int8", "results.md")).read()
     assert f"| fabric | {vs['image_auroc']:+.3f} | {flips:g} of {vs['pairs']} |" in summary
 

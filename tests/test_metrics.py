@@ -312,6 +312,7 @@ def test_score_agreement_counts_the_pairs_two_models_order_differently():
     assert out["pairs"] == 6 and out["swapped_pairs"] == 1 and out["auroc_step"] == 1 / 6
     assert roc_auc_score(labels, got) - roc_auc_score(labels, ref) == pytest.approx(-1 / 6)
     assert out["max_rel_score_change"] == pytest.approx(0.3)
+    assert out["closest_pair_gap"] == pytest.approx(0.5 / 3.0)  # normal 3.0, defect 2.5
     tie = score_agreement(labels, ref, np.array([1.0, 2.5, 3.0, 2.5, 4.0]))  # (2.5, 2.5): a tie
     assert tie["swapped_pairs"] == 0.5
     assert score_agreement(labels, ref, ref)["swapped_pairs"] == 0
