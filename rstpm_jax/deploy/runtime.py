@@ -34,8 +34,9 @@ INT8_CALIBRATIONS = {"holdout": "the held-out train/good images", "train": "ever
 # The precisions each backend runs.
 SUPPORTED: dict[str, tuple[str, ...]] = {"jax": ("f32", "bf16"), "onnxruntime": ("f32",),
                                          "openvino": ("f32", "bf16", "int8")}
-# Fastest first, per precision: a first benchmarks/deploy.py run (64 px, a shared 2-core x86
-# machine; README). ``choose_backend`` takes the first installed. Revisit with a quiet 256 px run.
+# Fastest first, per precision, from benchmarks/deploy.py at 256 px on 2-core x86 machines
+# (benchmarks/README.md: AMX Xeon and AMD EPYC; on the Zen 1 EPYC at batch 32 OpenVINO f32 was
+# 0.3% ahead). ``choose_backend`` takes the first installed.
 FASTEST_FIRST: dict[str, tuple[str, ...]] = {"f32": ("onnxruntime", "openvino", "jax"),
                                              "bf16": ("openvino", "jax"), "int8": ("openvino",)}
 INPUT_NAME = "images"
