@@ -35,8 +35,8 @@ INT8_CALIBRATIONS = {"holdout": "the held-out train/good images", "train": "ever
 SUPPORTED: dict[str, tuple[str, ...]] = {"jax": ("f32", "bf16"), "onnxruntime": ("f32",),
                                          "openvino": ("f32", "bf16", "int8")}
 # Fastest first, per precision, from benchmarks/deploy.py at 256 px on 2-core x86 machines
-# (benchmarks/README.md: AMX Xeon and AMD EPYC; on the Zen 1 EPYC at batch 32 OpenVINO f32 was
-# 0.3% ahead). ``choose_backend`` takes the first installed.
+# (benchmarks/README.md: AMX Xeon and AMD EPYCs; on the EPYCs OpenVINO f32 was ahead in some
+# runs). ``choose_backend`` takes the first installed.
 FASTEST_FIRST: dict[str, tuple[str, ...]] = {"f32": ("onnxruntime", "openvino", "jax"),
                                              "bf16": ("openvino", "jax"), "int8": ("openvino",)}
 INPUT_NAME = "images"
