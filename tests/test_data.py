@@ -98,6 +98,23 @@ def test_synthetic_is_deterministic_small_and_has_a_cli(root, tmp_path, capsys):
     assert _files_digest(str(tmp_path / "b" / "mesh")) == _files_digest(os.path.join(root, "mesh"))
 
 
+def test_a_larger_synthetic_test_split_keeps_the_demo_images(root, tmp_path):
+    """More test images (a finer AUROC for a model trained on the demo data) leave the training
+    images and the demo's test images as they were, byte for byte."""
+    out = tmp_path / "big"
+    synthetic.main(["--out", str(out), "--categories", "mesh", "--num-test-good", "6", "--num-test-per-defect", "5"])
+    big, demo = out / "mesh", os.path.join(root, "mesh")
+    assert _files_digest(str(big / "train")) == _files_digest(os.path.join(demo, "train"))
+    for defect in ("good", *synthetic.DEFECTS["mesh"]):
+        assert len(os.listdir(big / "test" / defect)) == (6 if defect == "good" else 5)
+        for name in os.listdir(os.path.join(demo, "test", defect)):
+            kept = (big / "test" / defect / name).read_bytes()
+            with open(os.path.join(demo, "test", defect, name), "rb") as f:
+                assert kept == f.read(), (defect, name)
+    for defect in synthetic.DEFECTS["mesh"]:
+        assert len(os.listdir(big / "ground_truth" / defect)) == 5
+
+
 def test_resolve_categories(root, tmp_path):
     assert mvtec.resolve_categories(root, "all") == ["button", "fabric", "mesh"]
     assert mvtec.resolve_categories(root, " mesh,fabric ,mesh") == ["mesh", "fabric"]

@@ -150,8 +150,13 @@ def _save(array: np.ndarray, path: str) -> None:
 
 def generate(out_dir: str, seed: int = 0, *, image_size: int = 128,
              categories: tuple[str, ...] = CATEGORIES, num_train: int = NUM_TRAIN,
+             num_test_good: int = NUM_TEST_GOOD, num_test_per_defect: int = NUM_TEST_PER_DEFECT,
              overwrite: bool = False) -> dict[str, dict[str, int]]:
     """Writes the dataset under ``out_dir``; returns ``{category: {"train": n, "test/<defect>": n}}``.
+
+    Each image depends only on (seed, category, split, defect, index): more test images keep the
+    first ones and the training images as they were, so a model trained on the demo data can be
+    evaluated on a larger test split (finer AUROC: one normal/defect pair is 1 / pairs).
 
     An existing category folder is replaced only when ``overwrite`` and it was written here
     (it holds the marker file); otherwise FileExistsError.
@@ -170,8 +175,8 @@ def generate(out_dir: str, seed: int = 0, *, image_size: int = 128,
         os.makedirs(cdir)
         open(os.path.join(cdir, _MARKER), "w").close()
         jobs = [("train", "good", i) for i in range(num_train)]
-        jobs += [("test", "good", i) for i in range(NUM_TEST_GOOD)]
-        jobs += [("test", d, i) for d in DEFECTS[category] for i in range(NUM_TEST_PER_DEFECT)]
+        jobs += [("test", "good", i) for i in range(num_test_good)]
+        jobs += [("test", d, i) for d in DEFECTS[category] for i in range(num_test_per_defect)]
         counts[category] = {}
         for split, defect, i in jobs:
             key = [seed, c_index, ("train", "test").index(split),
@@ -192,12 +197,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output root (MVTec layout)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--num-test-good", type=int, default=NUM_TEST_GOOD, help="normal test images a category")
+    parser.add_argument("--num-test-per-defect", type=int, default=NUM_TEST_PER_DEFECT,
+                        help="test images of each defect type")
     parser.add_argument("--overwrite", action="store_true", help="replace synthetic categories")
     parser.add_argument("--categories", default=",".join(CATEGORIES),
                         help=f"comma-separated, of {', '.join(CATEGORIES + EXTRA_CATEGORIES)}")
     args = parser.parse_args(argv)
     counts = generate(args.out, args.seed, image_size=args.image_size, overwrite=args.overwrite,
-                      categories=tuple(c.strip() for c in args.categories.split(",") if c.strip()))
+                      categories=tuple(c.strip() for c in args.categories.split(",") if c.strip()),
+                      num_test_good=args.num_test_good, num_test_per_defect=args.num_test_per_defect)
     for category, c in counts.items():
         print(f"{category}: " + ", ".join(f"{k}={v}" for k, v in c.items()))
     print(f"wrote {sum(sum(c.values()) for c in counts.values())} images to {args.out}")
