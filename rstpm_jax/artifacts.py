@@ -20,16 +20,14 @@ from absl import logging
 from rstpm_jax import metrics, reports
 from rstpm_jax.evaluate import Evaluation
 
-VS_FLOAT32 = reports.VS_FLOAT32  # deployment key (and row prefix) of compare_with_float32
-
 
 def row(evaluation: Evaluation) -> dict[str, Any]:
     """The category's flat result (metrics, test-image count, thresholds, seconds, and the
     comparison with the float32 evaluation as ``vs_float32/<key>``)."""
-    vs = evaluation.deployment.get(VS_FLOAT32) or {}
+    vs = evaluation.deployment.get(reports.VS_FLOAT32) or {}
     return {**evaluation.metrics, "num_test_images": evaluation.num_test_images,
             "thresholds": evaluation.thresholds, "eval_seconds": evaluation.seconds,
-            **{f"{VS_FLOAT32}/{k}": v for k, v in vs.items()}}
+            **{f"{reports.VS_FLOAT32}/{k}": v for k, v in vs.items()}}
 
 
 def compare_with_float32(workdir: str, evaluation: Evaluation) -> dict[str, float] | None:

@@ -89,7 +89,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             evaluation.selection = workdir_lib.selection_record(job.config, job.workdir, job.category)
             if artifacts.eval_subdir(job.config):  # through an artifact: its cost against float32
                 vs = artifacts.compare_with_float32(job.workdir, evaluation)
-                evaluation.deployment[artifacts.VS_FLOAT32] = vs
+                evaluation.deployment[reports.VS_FLOAT32] = vs
                 if vs:
                     logging.info("%s against float32: image AUROC %+.4f (%g of %d normal/defect pairs swapped), "
                                  "pixel AUROC %+.4f, scores within %.2g (closest pair %.2g apart)", job.name,
