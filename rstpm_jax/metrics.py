@@ -304,15 +304,16 @@ def score_agreement(labels: np.ndarray, reference: np.ndarray, scores: np.ndarra
     labels = np.asarray(labels, bool)
     reference, scores = np.asarray(reference, np.float64), np.asarray(scores, np.float64)
 
-    def order(s: np.ndarray) -> np.ndarray:  # [normal, defect]: +1 where the defect scores higher
-        return np.sign(s[labels][None, :] - s[~labels][:, None])
+    def pairwise(op, s: np.ndarray) -> np.ndarray:  # [normal, defect]
+        return op(s[labels][None, :], s[~labels][:, None])
 
     tiny = np.finfo(np.float64).tiny
     pairs = int(labels.sum() * (~labels).sum())
     rel = np.abs(scores - reference) / np.maximum(np.abs(reference), tiny)
-    gaps = np.abs(reference[labels][None, :] - reference[~labels][:, None]) / np.maximum(
-        np.maximum(np.abs(reference[labels])[None, :], np.abs(reference[~labels])[:, None]), tiny)
-    return {"pairs": pairs, "swapped_pairs": float(np.abs(order(scores) - order(reference)).sum() / 2),
+    ref_diff = pairwise(np.subtract, reference)  # > 0 where the defect scores higher
+    swapped = np.abs(np.sign(pairwise(np.subtract, scores)) - np.sign(ref_diff)).sum() / 2
+    gaps = np.abs(ref_diff) / np.maximum(pairwise(np.maximum, np.abs(reference)), tiny)
+    return {"pairs": pairs, "swapped_pairs": float(swapped),
             "auroc_step": 1.0 / pairs if pairs else float("nan"),
             "max_rel_score_change": float(rel.max()) if rel.size else float("nan"),
             "closest_pair_gap": float(gaps.min()) if pairs else float("nan")}
